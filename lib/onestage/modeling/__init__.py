@@ -1,0 +1,63 @@
+"""Models: a registry from name to (config class, model class)."""
+from __future__ import annotations
+
+import dataclasses
+
+
+def _registry():
+    from onestage.modeling.fcos import FCOS, FCOSConfig
+
+    return {"fcos": (FCOSConfig, FCOS)}
+
+
+class _LazyRegistry(dict):
+    """Imports model files on first use so ``import onestage`` stays cheap."""
+
+    def _load(self):
+        if not dict.__len__(self):
+            self.update(_registry())
+
+    def __getitem__(self, key):
+        self._load()
+        return dict.__getitem__(self, key)
+
+    def __contains__(self, key):
+        self._load()
+        return dict.__contains__(self, key)
+
+    def __iter__(self):
+        self._load()
+        return dict.__iter__(self)
+
+    def __len__(self):
+        self._load()
+        return dict.__len__(self)
+
+    def keys(self):
+        self._load()
+        return dict.keys(self)
+
+
+MODELS = _LazyRegistry()
+
+
+def get_model_config(name: str, preset: str = "cpu", **overrides):
+    """The config dataclass of model ``name`` at ``preset``, with keyword overrides (unknown names raise TypeError)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
+    cfg_cls, _ = MODELS[name]
+    cfg = cfg_cls.preset(preset)
+    names = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"unknown {cfg_cls.__name__} option(s) {unknown}; known: {sorted(names)}")
+    return dataclasses.replace(cfg, **overrides)
+
+
+def build_model(name: str, preset: str = "cpu", num_classes: int = 80, **overrides):
+    cfg = get_model_config(name, preset, **overrides)
+    _, model_cls = MODELS[name]
+    model = model_cls(cfg, num_classes=num_classes)
+    model.name = name
+    model.preset = preset
+    return model

@@ -1,0 +1,68 @@
+"""Small structures shared by every model: batching images and box conversions."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def pad_images(images: Sequence[Tensor], size_divisibility: int = 32, pad_value: float = 0.0):
+    """Stack ``C×H×W`` images into one ``B×C×Hp×Wp`` tensor, zero-padded at the right/bottom.
+
+    ``Hp``/``Wp`` are the largest height/width rounded up to a multiple of ``size_divisibility``
+    (detectron2's ``SIZE_DIVISIBILITY = 32``: every backbone stage then divides the input exactly).
+    Returns the batch and the list of original ``(h, w)`` sizes.
+    """
+    if len(images) == 0:
+        raise ValueError("pad_images needs at least one image")
+    for img in images:
+        if img.dim() != 3:
+            raise ValueError(f"expected C×H×W images, got shape {tuple(img.shape)}")
+    sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+    max_h = max(h for h, _ in sizes)
+    max_w = max(w for _, w in sizes)
+    if size_divisibility > 1:
+        max_h = int(math.ceil(max_h / size_divisibility) * size_divisibility)
+        max_w = int(math.ceil(max_w / size_divisibility) * size_divisibility)
+    batch = images[0].new_full((len(images), images[0].shape[0], max_h, max_w), pad_value)
+    for i, img in enumerate(images):
+        batch[i, :, : img.shape[-2], : img.shape[-1]].copy_(img)
+    return batch, sizes
+
+
+def xywh_to_xyxy(boxes: Tensor) -> Tensor:
+    """COCO ``[x, y, w, h]`` → ``[x0, y0, x1, y1]``."""
+    x, y, w, h = boxes.unbind(-1)
+    return torch.stack([x, y, x + w, y + h], dim=-1)
+
+
+def xyxy_to_xywh(boxes: Tensor) -> Tensor:
+    """``[x0, y0, x1, y1]`` → COCO ``[x, y, w, h]``."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([x0, y0, x1 - x0, y1 - y0], dim=-1)
+
+
+def masks_to_boxes(masks: Tensor) -> Tensor:
+    """Tight xyxy boxes (pixel edges, so a single pixel at (x, y) gives ``[x, y, x+1, y+1]``) of ``N×H×W`` masks.
+
+    Empty masks give an all-zero box.
+    """
+    n = masks.shape[0]
+    if n == 0:
+        return masks.new_zeros((0, 4), dtype=torch.float32)
+    m = masks.bool()
+    rows = m.any(dim=2)  # N×H
+    cols = m.any(dim=1)  # N×W
+    h, w = m.shape[-2:]
+    ys = torch.arange(h, device=m.device)
+    xs = torch.arange(w, device=m.device)
+    big = max(h, w) + 1
+    y0 = torch.where(rows, ys, big).min(dim=1).values
+    y1 = torch.where(rows, ys, -1).max(dim=1).values + 1
+    x0 = torch.where(cols, xs, big).min(dim=1).values
+    x1 = torch.where(cols, xs, -1).max(dim=1).values + 1
+    boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
+    boxes[~rows.any(dim=1)] = 0
+    return boxes
