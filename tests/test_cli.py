@@ -1,0 +1,70 @@
+"""Command line: every sub-command documents itself; predict writes a PNG; bad inputs give one-line errors."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from onestage.cli import build_parser, main
+from onestage.engine.checkpoint import make_checkpoint, save_checkpoint
+from onestage.engine.toy import ToyConfig, ToyDetector
+
+COMMANDS = ["data", "train", "eval", "predict", "demo", "bench"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_explains_every_option(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    for action in sub._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{command} {action.option_strings} has no help text"
+            assert action.option_strings[-1] in text
+
+
+def test_module_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "onestage", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and all(c in out.stdout for c in COMMANDS)
+
+
+@pytest.fixture
+def toy_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = ToyDetector(ToyConfig(), num_classes=2)
+    with torch.no_grad():
+        model.cls.bias.copy_(torch.tensor([5.0, 0.0]))  # confident class 0: a box is drawn
+    return save_checkpoint(make_checkpoint(model, class_names=["ring", "star"],
+                                           train_cfg={"test_min_size": 48, "test_max_size": 64}),
+                           tmp_path / "toy.pt")
+
+
+def test_predict_writes_png(tmp_path, toy_checkpoint, capsys):
+    image = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)).save(image)
+    out = tmp_path / "sub" / "pred.png"
+    rc = main(["predict", "--checkpoint", str(toy_checkpoint), "--image", str(image), "--out", str(out)])
+    assert rc == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "1 detections" in capsys.readouterr().out
+
+
+def test_bad_inputs_exit_nonzero_with_a_message(tmp_path, toy_checkpoint, capsys):
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(toy_checkpoint), "--image", str(tmp_path / "no.png"),
+                 "--out", str(tmp_path / "o.png")]) == 2
+    assert "image not found" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_text("junk")
+    assert main(["eval", "--checkpoint", str(tmp_path / "junk.pt")]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(["train", "--preset", "smoke", "--set", "oops", "--out", str(tmp_path / "r"),
+                 "--data", "coco:a.json:b"]) == 2
+    assert "key=value" in capsys.readouterr().err
