@@ -1,0 +1,140 @@
+"""The pieces of ``notebooks/experiment.ipynb`` that are worth testing on their own.
+
+The notebook stays a readable, top-to-bottom story (parameters → data → model → train → evaluate → time → record);
+what it needs beyond the public API lives here: building the datasets for a preset, timing inference fairly,
+collecting versions and the git commit, and assembling the one JSON record a run leaves behind.
+"""
+from __future__ import annotations
+
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+from onestage.experiments.records import RECORD_FORMAT
+
+#: How many validation images ``quick=True`` evaluates and times: enough to exercise every code path, in seconds.
+QUICK_EVAL_IMAGES = 8
+
+
+def build_datasets(data: str, train_cfg):
+    """Train and val datasets for ``data`` (a :func:`onestage.data.get_dataset` spec), sized like ``train_cfg``.
+
+    The input sizes belong to the training preset (``cpu`` trains at ~320 px, ``paper`` at 800), not to the dataset,
+    so they are passed explicitly: multi-scale sizes for training, the single test size for evaluation.
+    """
+    from onestage.data import get_dataset
+
+    train_ds = get_dataset(data, split="train", train=True, min_size=train_cfg.min_size, max_size=train_cfg.max_size)
+    val_ds = get_dataset(data, split="val", train=False, min_size=(train_cfg.test_min_size,),
+                         max_size=train_cfg.test_max_size)
+    return train_ds, val_ds
+
+
+def time_inference(model, dataset, num_images: int = 20, warmup: int = 2) -> float:
+    """Mean eval-mode forward time in ms per image (batch 1, after ``warmup`` untimed images), on the model's device.
+
+    Batch 1 because that is how the papers report speed; warm-up so that lazy initialisation (allocator, cuDNN
+    autotuning) is not billed to the first timed image.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    n = min(num_images + warmup, len(dataset))
+    if n <= warmup:
+        raise ValueError(f"need more than {warmup} images to time inference, dataset has {len(dataset)}")
+    was_training = model.training
+    model.eval()
+    times = []
+    try:
+        with torch.inference_mode():
+            for i in range(n):
+                image = dataset[i][0].to(device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                model([image])
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+    return 1000.0 * sum(times) / len(times)
+
+
+def versions() -> dict:
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import torchvision
+
+        out["torchvision"] = torchvision.__version__
+    except ImportError:  # torchvision is a dependency, but the record should not fail over a version string
+        out["torchvision"] = None
+    import onestage
+
+    out["onestage"] = onestage.__version__
+    return out
+
+
+def git_commit(cwd: Optional[Path] = None) -> Optional[str]:
+    """``git rev-parse HEAD`` of the checkout holding onestage (None outside a git checkout)."""
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() or None if res.returncode == 0 else None
+
+
+def git_dirty(cwd: Optional[Path] = None) -> Optional[bool]:
+    """Whether tracked files differ from HEAD: a result from a dirty tree cannot be traced to the commit alone."""
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        res = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(res.stdout.strip()) if res.returncode == 0 else None
+
+
+def pick_metrics(metrics: dict) -> dict:
+    """Keep the COCO summary numbers per IoU type (bbox, segm): AP, AP50, AP75, APs, APm, APl."""
+    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    return {iou: {k: float(v[k]) for k in keys if k in v} for iou, v in (metrics or {}).items() if isinstance(v, dict)}
+
+
+def make_record(*, model: str, preset: str, effective_preset: str, quick: bool, seed: int, data: str,
+                overrides: dict, model_cfg: dict, train_cfg: dict, metrics: dict, train_summary: dict,
+                train_time_s: float, inference_ms_per_image: float, num_val_images: int) -> dict:
+    """The one record a finished run leaves (``status: finished``); see ``data/paper_tables/README.md``."""
+    return {
+        "format": RECORD_FORMAT,
+        "status": "finished",
+        "config": {
+            "model": model,
+            "preset": preset,
+            "effective_preset": effective_preset,
+            "quick": bool(quick),
+            "overrides": overrides,
+            "model_cfg": model_cfg,
+            "train_cfg": train_cfg,
+        },
+        "seed": int(seed),
+        "data": data,
+        "metrics": pick_metrics(metrics),
+        "metrics_unit": "percent",
+        "num_val_images": int(num_val_images),
+        "train_time_s": float(train_time_s),
+        "iterations": int(train_summary.get("iterations", 0)),
+        "stopped": train_summary.get("stopped"),
+        "inference_ms_per_image": float(inference_ms_per_image),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,376 @@
+"""``python -m onestage reproduce TABLE``: run a paper table's rows × seeds through a papermill notebook.
+
+Each run executes ``notebooks/experiment.ipynb`` (or the table's own notebook) with papermill, with the row's
+model-config overrides, and the notebook writes one JSON record. The runner is built for long, fragile sweeps on
+small machines:
+
+* **Parameters are checked before anything launches.** papermill only *warns* when a parameter name is not in the
+  notebook's ``parameters`` cell and then runs with the default, which would silently reproduce the wrong thing for
+  hours. The names are compared with :func:`papermill.inspect_notebook` first and unknown names are an error.
+* **Every cell has a timeout** (``--timeout``, papermill's ``execution_timeout``), so a hung kernel cannot stall a
+  sweep forever.
+* **Finished runs are skipped**, so a rerun resumes an interrupted sweep; failed runs are retried.
+* **Failures are recorded and the sweep goes on**: a failed run leaves a ``"status": "failed"`` record with the
+  error and the end of the traceback, shown in the final table; the executed notebook is kept next to it.
+* **Ctrl-C stops launching new runs.** Runs already started are waited for (they usually fail with the interrupt
+  and are retried next time); a second Ctrl-C abandons them. Finished records always stay.
+* **A few runs at once** (``--workers``): each run lives in its own worker process (and its own kernel), started a
+  few at a time so that the 2-core laptops this targets are not oversubscribed.
+
+Results: ``<out>/<table>/<row>__seed<k>.json`` (+ ``.ipynb``, + a ``<row>__seed<k>/`` training folder).
+``--report`` prints the aggregated table (see :mod:`onestage.experiments.aggregate`), reading ``--results-dir`` when
+given (e.g. committed results in ``data/results/<table>/``).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import multiprocessing
+import re
+import signal
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional, Sequence
+
+from onestage.experiments.records import (
+    RECORD_FORMAT,
+    is_finished,
+    read_record,
+    record_path,
+    run_stem,
+    write_json_atomic,
+)
+from onestage.experiments.tables import PaperTable, TableError, list_tables, load_table, repo_root
+
+#: The parameter names the runner passes; the experiment notebook's ``parameters`` cell must define each of them.
+RUNNER_PARAMETERS = ("model", "preset", "data", "seed", "overrides", "train_overrides", "out_dir", "record_path",
+                     "quick")
+PRESETS = ("cpu", "smoke", "paper")
+DEFAULT_TIMEOUT_S = 4 * 3600
+TRACEBACK_LINES = 40
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class ParameterError(ValueError):
+    """The runner would pass parameters the notebook does not declare (papermill would only warn)."""
+
+
+def notebook_parameters(notebook: Path) -> dict:
+    """Names → papermill's description of the notebook's ``parameters`` cell; error if there is no such cell."""
+    import papermill
+
+    params = papermill.inspect_notebook(str(notebook))
+    if not params:
+        raise ParameterError(f"{notebook}: no cell tagged 'parameters' (or it defines nothing)")
+    return params
+
+
+def validate_parameters(notebook: Path, names: Sequence[str]) -> None:
+    """Raise :class:`ParameterError` if any of ``names`` is not a parameter of ``notebook``."""
+    declared = notebook_parameters(notebook)
+    unknown = sorted(set(names) - set(declared))
+    if unknown:
+        raise ParameterError(
+            f"{notebook}: parameter(s) {unknown} are not declared in its 'parameters' cell "
+            f"(declared: {sorted(declared)}); papermill would ignore them with only a warning"
+        )
+
+
+def plan_runs(
+    table: PaperTable,
+    *,
+    seeds: int = 1,
+    preset: str = "cpu",
+    data: str = "synthetic",
+    out: Path = Path("runs/reproduce"),
+    rows: Optional[Sequence[str]] = None,
+    quick: bool = False,
+    notebook: Optional[Path] = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    kernel: str = "python3",
+    cwd: Optional[Path] = None,
+) -> list[dict]:
+    """One job dict per (row, seed): everything a worker needs, all paths absolute, all values JSON-able."""
+    nb = Path(notebook) if notebook is not None else _table_notebook(table)
+    out = Path(out).resolve()
+    jobs = []
+    for row in table.runnable_rows(list(rows) if rows else None):
+        for seed in range(seeds):
+            stem = run_stem(row.name, seed)
+            rec = record_path(out, table.id, row.name, seed)
+            params = {
+                "model": table.model,
+                "preset": preset,
+                "data": data,
+                "seed": seed,
+                "overrides": table.model_overrides(row),
+                "train_overrides": table.train_overrides_for(row),
+                "out_dir": str(rec.parent / stem),
+                "record_path": str(rec),
+                "quick": bool(quick),
+            }
+            jobs.append({
+                "table": table.id,
+                "row": row.name,
+                "seed": seed,
+                "notebook": str(nb.resolve()),
+                "output_notebook": str(rec.with_suffix(".ipynb")),
+                "record_path": str(rec),
+                "parameters": params,
+                "timeout": float(timeout),
+                "kernel": kernel,
+                "cwd": str((cwd or repo_root()).resolve()),
+            })
+    return jobs
+
+
+def _table_notebook(table: PaperTable) -> Path:
+    if table.notebook is None:
+        raise TableError(
+            f"table {table.id!r} ({table.kind}) names no notebook yet ('notebook': null in {table.path}); "
+            "nothing can reproduce it until one is written — its published side is still shown by --report"
+        )
+    p = Path(table.notebook)
+    return p if p.is_absolute() else repo_root() / p
+
+
+def _traceback_excerpt(lines, limit: int = TRACEBACK_LINES) -> str:
+    text = "\n".join(_ANSI.sub("", str(x)) for x in lines)
+    tail = text.strip().splitlines()[-limit:]
+    return "\n".join(tail)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def execute_job(job: dict) -> dict:
+    """Run one job (in a worker process): execute the notebook, then make sure a record exists either way.
+
+    Returns a small summary ``{"row", "seed", "status", "error", "seconds"}`` for the progress bar and final table.
+    """
+    import papermill
+
+    t0 = time.perf_counter()
+    rec_path = Path(job["record_path"])
+    rec_path.parent.mkdir(parents=True, exist_ok=True)
+    error = tb = None
+    try:
+        papermill.execute_notebook(
+            job["notebook"],
+            job["output_notebook"],
+            parameters=job["parameters"],
+            kernel_name=job["kernel"],
+            execution_timeout=job["timeout"],
+            progress_bar=False,
+            log_output=False,
+            cwd=job["cwd"],
+        )
+    except papermill.PapermillExecutionError as e:
+        error = f"{e.ename}: {e.evalue}"
+        tb = _traceback_excerpt(e.traceback)
+    except BaseException as e:  # timeouts, dead kernels, interrupts: all become a failed record
+        error = f"{type(e).__name__}: {e}"
+        tb = _traceback_excerpt(traceback.format_exception(type(e), e, e.__traceback__))
+    seconds = time.perf_counter() - t0
+
+    rec = read_record(rec_path) if error is None else None
+    if error is None and (rec is None or rec.get("status") != "finished"):
+        error = f"notebook ran to the end but left no finished record at {rec_path}"
+    run_info = {"table": job["table"], "row": job["row"], "seed": job["seed"],
+                "executed_notebook": job["output_notebook"], "wall_s": round(seconds, 2)}
+    if error is None:
+        write_json_atomic(rec_path, {**rec, **run_info})
+        return {"row": job["row"], "seed": job["seed"], "status": "finished", "error": None, "seconds": seconds}
+    write_json_atomic(rec_path, {
+        "format": RECORD_FORMAT,
+        "status": "failed",
+        **run_info,
+        "error": error,
+        "traceback": tb,
+        "parameters": job["parameters"],
+        "finished": _now(),
+    })
+    return {"row": job["row"], "seed": job["seed"], "status": "failed", "error": error, "seconds": seconds}
+
+
+def _worker_init() -> None:
+    # The parent decides what Ctrl-C means (stop launching); workers keep going until their run ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_jobs(jobs: list[dict], workers: int = 1, progress: bool = True) -> tuple[list[dict], bool]:
+    """Run ``jobs`` with at most ``workers`` at once; returns (summaries, interrupted).
+
+    Jobs whose record is already finished are skipped (summary status ``"skipped"``). Jobs are submitted lazily, so
+    an interrupt only has to stop the loop: nothing queued needs cancelling.
+    """
+    from tqdm.auto import tqdm
+
+    summaries = []
+    todo = []
+    for job in jobs:
+        if is_finished(job["record_path"]):
+            summaries.append({"row": job["row"], "seed": job["seed"], "status": "skipped", "error": None,
+                              "seconds": 0.0})
+        else:
+            todo.append(job)
+    if not todo:
+        return summaries, False
+    interrupted = False
+    bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not progress)
+    failures = 0
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked threads or sockets
+    with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=_worker_init) as pool:
+        queue = iter(todo)
+        running: dict = {}
+
+        def collect(done):
+            nonlocal failures
+            for fut in done:
+                job = running.pop(fut)
+                try:
+                    s = fut.result()
+                except BaseException as e:  # the worker itself died
+                    s = {"row": job["row"], "seed": job["seed"], "status": "failed",
+                         "error": f"worker crashed: {type(e).__name__}: {e}", "seconds": 0.0}
+                    write_json_atomic(job["record_path"], {
+                        "format": RECORD_FORMAT, "status": "failed", "table": job["table"], "row": job["row"],
+                        "seed": job["seed"], "error": s["error"], "traceback": None,
+                        "parameters": job["parameters"], "finished": _now()})
+                summaries.append(s)
+                failures += s["status"] == "failed"
+                bar.update(1)
+                bar.set_postfix(failed=failures)
+
+        try:
+            while True:
+                while not interrupted and len(running) < max(1, workers):
+                    job = next(queue, None)
+                    if job is None:
+                        break
+                    running[pool.submit(execute_job, job)] = job
+                if not running:
+                    break
+                done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                collect(done)
+        except KeyboardInterrupt:
+            interrupted = True
+            bar.write(f"Interrupted: no new runs; waiting for {len(running)} running (Ctrl-C again to abandon them).")
+            try:
+                collect(cf.wait(running).done)
+            except KeyboardInterrupt:
+                bar.write("Abandoning running runs; their records are not written.")
+                for p in list(getattr(pool, "_processes", {}).values()):
+                    p.terminate()
+                pool.shutdown(wait=False, cancel_futures=True)
+        finally:
+            bar.close()
+    return summaries, interrupted
+
+
+def runs_table(summaries: list[dict]) -> str:
+    """A markdown table of this invocation's runs: status, time, error (first line)."""
+    lines = ["| row | seed | status | time s | error |", "|---|---|---|---|---|"]
+    for s in sorted(summaries, key=lambda s: (s["row"], s["seed"])):
+        err = (s["error"] or "").splitlines()[0][:100] if s["error"] else ""
+        lines.append(f"| {s['row']} | {s['seed']} | {s['status']} | {s['seconds']:.1f} | {err} |")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``reproduce`` options (the CLI wires them under ``python -m onestage reproduce``)."""
+    parser.add_argument("table", nargs="?", help="paper table id (data/paper_tables/<id>.json) or a path to one")
+    parser.add_argument("--list", action="store_true", help="list the known tables and exit")
+    parser.add_argument("--preset", choices=PRESETS, default="cpu", help="training preset (default: cpu)")
+    parser.add_argument("--seeds", type=int, default=1, help="run seeds 0..N-1 of every row (default: 1)")
+    parser.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process (default: 1)")
+    parser.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="results root (default: runs/reproduce)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        help=f"per-cell execution timeout in seconds (default: {DEFAULT_TIMEOUT_S})")
+    parser.add_argument("--rows", type=lambda s: [x for x in s.split(",") if x],
+                        help="comma-separated row names (default: every non-optional row)")
+    parser.add_argument("--data", default="synthetic", help="dataset spec for get_dataset (default: synthetic)")
+    parser.add_argument("--quick", action="store_true", help="pass quick=True (smoke-sized runs, for checking the pipe)")
+    parser.add_argument("--notebook", type=Path, help="run this notebook instead of the table's")
+    parser.add_argument("--kernel", default="python3", help="Jupyter kernel name (default: python3)")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan without running")
+    parser.add_argument("--report", action="store_true", help="aggregate the records and print the table; no runs")
+    parser.add_argument("--results-dir", type=Path,
+                        help="folder holding <row>__seed<k>.json records for --report (default: <out>/<table>)")
+    parser.add_argument("--figure", type=Path, help="with --report: also save the comparison figure here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute a parsed ``reproduce`` command; returns the process exit code (0 ok, 1 some runs failed, 2 usage)."""
+    if args.list or not args.table:
+        for tid in list_tables():
+            t = load_table(tid)
+            print(f"{tid:24s} {t.kind:10s} {t.model:9s} {len(t.rows)} rows  {t.title}")
+        return 0 if args.list else 2
+    try:
+        table = load_table(args.table)
+    except TableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    if args.report:
+        from onestage.experiments.aggregate import report
+
+        results_dir = args.results_dir or Path(args.out) / table.id
+        text, fig = report(table, results_dir, figure=args.figure is not None)
+        print(text)
+        if fig is not None:
+            args.figure.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(args.figure, dpi=120, bbox_inches="tight")
+            print(f"figure: {args.figure}")
+        return 0
+
+    if args.seeds < 1 or args.workers < 1:
+        print("error: --seeds and --workers must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        jobs = plan_runs(table, seeds=args.seeds, preset=args.preset, data=args.data, out=args.out, rows=args.rows,
+                         quick=args.quick, notebook=args.notebook, timeout=args.timeout, kernel=args.kernel)
+        if not jobs:
+            raise TableError(f"table {table.id!r}: no rows to run")
+        validate_parameters(Path(jobs[0]["notebook"]), list(jobs[0]["parameters"]))
+    except (TableError, ParameterError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    if args.dry_run:
+        for j in jobs:
+            state = "finished" if is_finished(j["record_path"]) else "to run"
+            print(f"{j['row']:20s} seed {j['seed']}  {state:9s} {j['record_path']}  overrides={j['parameters']['overrides']}")
+        return 0
+
+    summaries, interrupted = run_jobs(jobs, workers=args.workers, progress=not args.no_progress)
+    print(runs_table(summaries))
+    from onestage.experiments.aggregate import report
+
+    text, _ = report(table, Path(args.out) / table.id, figure=False)
+    print()
+    print(text)
+    if interrupted:
+        print("\nInterrupted: rerun the same command to resume (finished runs are skipped).")
+        return 130
+    return 1 if any(s["status"] == "failed" for s in summaries) else 0
+
+
+def build_parser(prog: str = "onestage reproduce") -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                                 formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,288 @@
+"""Reproduction machinery: paper-table files, the papermill sweep runner, the aggregator, the experiment notebook.
+
+The runner is exercised on a tiny dummy notebook (written into tmp_path) so these tests do not depend on any model
+training: one row is made to fail, and the tests check that its failure is recorded, the sweep goes on, a rerun skips
+what finished, and unknown parameter names stop everything before a kernel starts.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import math
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from onestage.experiments import aggregate, runner
+from onestage.experiments.records import read_record, record_path, write_json_atomic
+from onestage.experiments.tables import TableError, list_tables, load_table, validate_table
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT_NB = REPO / "notebooks" / "experiment.ipynb"
+
+
+# ------------------------------------------------------------------------------------------------------ tables
+def test_every_paper_table_validates_and_sources_its_numbers():
+    ids = list_tables()
+    expected = {"fcos_centerness", "fcos_ambiguity_bpr", "condinst_table1", "condinst_table2", "condinst_table3",
+                "condinst_table4", "condinst_table5", "solo_grid_fpn", "solo_coordconv", "solo_decoupled",
+                "solo_nms"}
+    assert expected <= set(ids)
+    for tid in ids:
+        t = load_table(tid)
+        assert t.id == tid and t.source["paper"] and t.source["where"]
+        for c in t.expect:  # claims only name rows that exist (validate_table checks; this guards the guard)
+            assert {c.row_a, c.row_b} <= set(t.row_names())
+
+
+def test_paper_numbers_match_the_seed_text():
+    """Spot-check transcription against the seed lecture's CondInst tables."""
+    t1 = load_table("condinst_table1")
+    assert t1.row("depth=1").published["AP"] == 30.9
+    assert t1.row("width=2").published["APl"] == 49.1
+    t3 = load_table("condinst_table3")
+    assert t3.row("fmask_only").published["AP"] == 31.4  # "without the relative coordinates ... 31.4"
+    assert t3.row("rel_coords_only").overrides == {"rel_coords": "coords_only"}
+    assert load_table("condinst_table4").row("factor=2").published["APs"] == 17.0
+    fc = load_table("fcos_centerness")
+    assert [fc.row(n).published["AP"] for n in ("none", "cls", "reg")] == [33.5, 37.1, 37.4]
+    assert fc.row("computed").optional and "computed" not in [r.name for r in fc.runnable_rows()]
+
+
+def _minimal_table(**changes) -> dict:
+    t = {"id": "t", "title": "T", "model": "fcos",
+         "source": {"paper": "P", "table": "Table 1", "where": "here"},
+         "metric": "bbox.AP", "baseline": {},
+         "rows": [{"name": "a", "overrides": {}, "published": {"AP": 1.0}},
+                  {"name": "b", "overrides": {"x": 1}, "published": None}],
+         "expect": [{"claim": "a below b", "row_a": "a", "row_b": "b", "sign": "<"}]}
+    t.update(changes)
+    return t
+
+
+def test_invalid_table_lists_every_problem():
+    bad = _minimal_table(metric="AP", source={"paper": "P"},
+                         rows=[{"name": "a b", "overrides": {}, "published": {}},
+                               {"name": "c", "published": {"AP": "high"}}],
+                         expect=[{"claim": "x", "row_a": "a", "row_b": "zzz", "sign": "<<"}])
+    with pytest.raises(TableError) as e:
+        validate_table(bad, "bad.json")
+    msg = str(e.value)
+    for fragment in ("bad.json", "'<section>.<name>'", "source.table", "'a b'", "'overrides' must be an object",
+                     "must be a number", "unknown row 'zzz'", "sign must be one of"):
+        assert fragment in msg, fragment
+    assert validate_table(_minimal_table()).row("b").overrides == {"x": 1}
+
+
+def test_table_id_must_match_file_name(tmp_path):
+    p = tmp_path / "other.json"
+    p.write_text(json.dumps(_minimal_table()))
+    with pytest.raises(TableError, match="named 'other'"):
+        load_table(p)
+
+
+def test_statistics_table_without_notebook_is_refused_clearly(capsys):
+    assert runner.main(["fcos_ambiguity_bpr", "--no-progress"]) == 2
+    assert "names no notebook yet" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------ runner
+DUMMY_PARAMS = """model = "m"
+preset = "cpu"
+data = "synthetic"
+seed = 0
+overrides = {}
+train_overrides = {}
+out_dir = "out"
+record_path = ""
+quick = False"""
+
+DUMMY_BODY = """from onestage.experiments.records import write_json_atomic
+if overrides.get("explode"):
+    raise RuntimeError("boom: this row is meant to fail")
+write_json_atomic(record_path, {"status": "finished", "seed": seed, "config": {"overrides": overrides},
+                                "metrics": {"bbox": {"AP": 10.0 * overrides["x"] + seed}}})"""
+
+
+def _write_notebook(path: Path, params: str, body: str) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(params, metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture
+def dummy(tmp_path):
+    table = _minimal_table(id="dummy", rows=[{"name": "good", "overrides": {"x": 1}, "published": {"AP": 5.0}},
+                                             {"name": "bad", "overrides": {"explode": True}, "published": None}],
+                           expect=[{"claim": "bad below good", "row_a": "bad", "row_b": "good", "sign": "<"}])
+    table_path = tmp_path / "dummy.json"
+    table_path.write_text(json.dumps(table))
+    nb = _write_notebook(tmp_path / "dummy.ipynb", DUMMY_PARAMS, DUMMY_BODY)
+    return table_path, nb, tmp_path / "out"
+
+
+def test_runner_records_failures_goes_on_and_resumes(dummy, capsys):
+    table_path, nb, out = dummy
+    argv = [str(table_path), "--notebook", str(nb), "--out", str(out), "--seeds", "2", "--workers", "2",
+            "--timeout", "60", "--no-progress"]
+    assert runner.main(argv) == 1  # some runs failed
+
+    for seed in (0, 1):
+        good = read_record(record_path(out, "dummy", "good", seed))
+        assert good["status"] == "finished" and good["metrics"]["bbox"]["AP"] == 10.0 + seed
+        assert good["row"] == "good" and Path(good["executed_notebook"]).exists()
+        bad = read_record(record_path(out, "dummy", "bad", seed))
+        assert bad["status"] == "failed"
+        assert "RuntimeError: boom" in bad["error"] and "boom" in bad["traceback"]
+        assert bad["parameters"]["overrides"] == {"explode": True}
+    shown = capsys.readouterr().out
+    assert "| bad | 0 | failed |" in shown and "RuntimeError: boom" in shown
+
+    # Rerun: finished runs are skipped (files untouched), failed ones are retried.
+    good0 = record_path(out, "dummy", "good", 0)
+    before = good0.stat().st_mtime_ns
+    table = load_table(table_path)
+    jobs = runner.plan_runs(table, seeds=2, out=out, notebook=nb, timeout=60)
+    summaries, interrupted = runner.run_jobs(jobs, workers=2, progress=False)
+    status = {(s["row"], s["seed"]): s["status"] for s in summaries}
+    assert not interrupted
+    assert status == {("good", 0): "skipped", ("good", 1): "skipped", ("bad", 0): "failed", ("bad", 1): "failed"}
+    assert good0.stat().st_mtime_ns == before
+
+
+def test_unknown_parameter_names_are_rejected_before_launch(dummy, capsys):
+    table_path, _, out = dummy
+    tmp = table_path.parent
+    nb = _write_notebook(tmp / "lacks_quick.ipynb", DUMMY_PARAMS.replace("quick = False", "fast = False"), DUMMY_BODY)
+    with pytest.raises(runner.ParameterError, match=r"\['quick'\]"):
+        runner.validate_parameters(nb, runner.RUNNER_PARAMETERS)
+    assert runner.main([str(table_path), "--notebook", str(nb), "--out", str(out), "--no-progress"]) == 2
+    assert "not declared" in capsys.readouterr().err
+    assert not out.exists()  # nothing launched, nothing written
+    no_params = _write_notebook(tmp / "no_params.ipynb", "", DUMMY_BODY)
+    with pytest.raises(runner.ParameterError, match="no cell tagged 'parameters'"):
+        runner.validate_parameters(no_params, ["seed"])
+
+
+def test_plan_merges_baseline_and_row_overrides(tmp_path):
+    t = load_table("condinst_table1")
+    jobs = runner.plan_runs(t, seeds=2, out=tmp_path, rows=["depth=1"], preset="smoke", data="synthetic:/d")
+    assert [(j["row"], j["seed"]) for j in jobs] == [("depth=1", 0), ("depth=1", 1)]
+    p = jobs[1]["parameters"]
+    assert set(p) == set(runner.RUNNER_PARAMETERS)
+    assert p["overrides"]["mask_head_depth"] == 1 and p["overrides"]["mask_head_width"] == 8
+    assert p["record_path"] == str(tmp_path.resolve() / "condinst_table1" / "depth=1__seed1.json")
+    with pytest.raises(KeyError):
+        runner.plan_runs(t, out=tmp_path, rows=["depth=9"])
+
+
+# ------------------------------------------------------------------------------------------------------ aggregate
+def test_aggregate_mean_std_and_sign_checks(tmp_path):
+    table = validate_table(_minimal_table(
+        id="agg", metrics=["bbox.AP", "bbox.AP50"],
+        rows=[{"name": "a", "overrides": {}, "published": {"AP": 30.0, "AP50": 50.0}},
+              {"name": "b", "overrides": {"x": 1}, "published": {"AP": 35.0}},
+              {"name": "c", "overrides": {"x": 2}, "published": None},
+              {"name": "d", "overrides": {"x": 3}, "published": None}],
+        expect=[{"claim": "a below b", "row_a": "a", "row_b": "b", "sign": "<"},
+                {"claim": "a above b (wrong on purpose)", "row_a": "a", "row_b": "b", "sign": ">"},
+                {"claim": "c equals a", "row_a": "c", "row_b": "a", "sign": "=", "tolerance": 0.5,
+                 "published_delta": 0.0},
+                {"claim": "d never ran", "row_a": "d", "row_b": "a", "sign": "<"}]))
+    d = tmp_path / "agg"
+
+    def rec(row, seed, ap, status="finished"):
+        body = {"status": status, "metrics": {"bbox": {"AP": ap, "AP50": ap + 20}}} if status == "finished" \
+            else {"status": "failed", "error": "ValueError: nope"}
+        write_json_atomic(d / f"{row}__seed{seed}.json", body)
+
+    for s, ap in enumerate([10.0, 12.0, 14.0]):
+        rec("a", s, ap)
+    for s, ap in enumerate([20.0, 21.0]):
+        rec("b", s, ap)
+    rec("b", 2, None, status="failed")
+    rec("c", 0, 12.3)
+    rec("zzz", 0, 1.0)  # a row the table does not know: ignored
+
+    rows = aggregate.collect(table, d)
+    a, b, c, dd = rows
+    assert a["metrics"]["bbox.AP"]["mean"] == pytest.approx(12.0)
+    assert a["metrics"]["bbox.AP"]["std"] == pytest.approx(2.0)  # sample std of 10, 12, 14
+    assert a["metrics"]["bbox.AP50"]["published"] == 50.0
+    assert (b["n_seeds"], b["n_failed"]) == (2, 1) and "ValueError: nope" in b["errors"][0]
+    assert c["metrics"]["bbox.AP"]["std"] is None and dd["n_seeds"] == 0
+
+    claims = aggregate.check_claims(table, rows)
+    assert [x["status"] for x in claims] == ["matches", "differs", "matches", "n/a"]
+    assert claims[0]["ours_delta"] == pytest.approx(-8.5) and claims[0]["published_delta"] == -5.0
+    # -8.5 against a standard error of sqrt(4/3 + 0.5/2) ≈ 1.26: well outside the noise
+    assert claims[0]["within_noise"] is False and claims[2]["within_noise"] is None
+
+    text, fig = aggregate.report(table, d, figure=True)
+    assert "| a | (baseline) | 12.0 ± 2.0 | 30.0 | 3 | 0 |" in text
+    assert "| a below b | a < b | bbox.AP | -8.5 | -5.0 | matches | no |" in text
+    assert "b seed 2: ValueError: nope" in text
+    assert type(fig).__name__ == "Figure" and fig.axes[0].get_ylabel() == "bbox.AP"
+    assert math.isclose(fig.axes[0].lines[-1].get_ydata()[0], 30.0)  # the published marker of row a
+
+
+def test_report_cli_reads_results_dir(tmp_path, capsys):
+    d = tmp_path / "committed"
+    write_json_atomic(d / "none__seed0.json", {"status": "finished", "metrics": {"bbox": {"AP": 1.0}}})
+    write_json_atomic(d / "cls__seed0.json", {"status": "finished", "metrics": {"bbox": {"AP": 3.0}}})
+    fig_path = tmp_path / "fig.png"
+    assert runner.main(["fcos_centerness", "--report", "--results-dir", str(d), "--figure", str(fig_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| the center-ness branch boosts AP a lot (33.5 -> 37.1) | none < cls | bbox.AP | -2.0 | -3.6 | matches" in out
+    assert fig_path.stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------------------ notebook
+def test_experiment_notebook_parameters_are_literals_and_match_the_runner():
+    nb = nbformat.read(EXPERIMENT_NB, as_version=4)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1 and tagged[0].cell_type == "code"
+    assert nb.cells.index(tagged[0]) == next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
+    names = []
+    for stmt in ast.parse(tagged[0].source).body:
+        assert isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
+        ast.literal_eval(stmt.value)  # raises on anything but a literal
+        names.append(stmt.targets[0].id)
+    assert sorted(names) == sorted(runner.RUNNER_PARAMETERS)
+    # papermill's own parser must see every one of them too (it silently drops lines it cannot parse)
+    import papermill
+
+    assert set(papermill.inspect_notebook(str(EXPERIMENT_NB))) == set(runner.RUNNER_PARAMETERS)
+
+
+def _engine_ready() -> bool:
+    try:
+        from onestage.data import get_dataset  # noqa: F401
+        from onestage.engine.train import train  # noqa: F401
+        from onestage.modeling.fcos import FCOS  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _engine_ready(), reason="data/engine/model code has not landed yet")
+def test_experiment_notebook_runs_quick(tmp_path):
+    import papermill
+
+    rec = tmp_path / "record.json"
+    papermill.execute_notebook(str(EXPERIMENT_NB), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                               parameters={"quick": True, "out_dir": str(tmp_path / "run"), "record_path": str(rec),
+                                           "overrides": {"centerness_on": "cls"}},
+                               execution_timeout=300, progress_bar=False, cwd=str(REPO))
+    r = json.loads(rec.read_text())
+    assert r["status"] == "finished" and r["config"]["effective_preset"] == "smoke"
+    assert r["config"]["model_cfg"]["centerness_on"] == "cls"
+    assert set(r["metrics"]["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert r["iterations"] > 0 and r["inference_ms_per_image"] > 0
+    assert {"python", "torch", "torchvision", "onestage"} <= set(r["versions"])
