@@ -1,0 +1,1 @@
+"""Analyses behind the walkthrough notebooks (no training needed): assignment statistics, ..."""
