@@ -64,3 +64,18 @@ def test_bad_files_give_clear_errors(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="not an onestage-checkpoint-v1"):
         ck.load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_export_model_is_small_fp16_and_loads_back(tmp_path):
+    model = ToyDetector(ToyConfig(width=6))
+    src = ck.save_checkpoint(_ckpt(model), tmp_path / "train.pt")
+    dst = ck.export_model(src, tmp_path / "small.pt", card={"AP": 12.5, "data": "toy"})
+    raw = ck.load_checkpoint(dst)
+    assert "optimizer" not in raw and "rng" not in raw
+    assert all(v.dtype == torch.float16 for v in raw["model"].values() if v.is_floating_point())
+    assert raw["card"] == {"AP": 12.5, "data": "toy"}
+    assert (tmp_path / "small.pt.json").read_text().strip().startswith("{")
+    loaded = ck.load_model(dst)
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert b.dtype == a.dtype, k  # cast back to the model's own precision
+        torch.testing.assert_close(b.float(), a.float(), atol=1e-3, rtol=1e-3), k

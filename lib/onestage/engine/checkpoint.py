@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import os
 import random
 import subprocess
@@ -259,3 +260,25 @@ def model_from_checkpoint(ckpt: dict, map_location="cpu") -> nn.Module:
 def load_model(path: os.PathLike, map_location="cpu") -> nn.Module:
     """Rebuild a model from an onestage checkpoint file, in eval mode, with ``.class_names`` attached."""
     return model_from_checkpoint(load_checkpoint(path, map_location="cpu"), map_location=map_location)
+
+
+def export_model(src: os.PathLike, dst: os.PathLike, half: bool = True, card: Optional[dict] = None) -> Path:
+    """Write a small, model-only copy of a training checkpoint (no optimizer/scheduler/RNG state), with the
+    floating-point weights in fp16 when ``half`` — what ``data/checkpoints/`` ships so notebooks can show trained
+    behaviour without training first. :func:`load_model` reads it back (weights are cast to the model's fp32).
+    ``card`` (JSON-serialisable facts: data, iterations, metrics, ...) is stored under ``"card"`` and also written
+    beside the file as ``<dst>.json``."""
+    ckpt = load_checkpoint(src)
+    state = ckpt["model"]
+    if half:
+        state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+    keep = ("format", "model_name", "model_preset", "model_cfg", "model_cfg_class", "model_class", "num_classes",
+            "class_names", "iteration", "train_cfg", "git_commit", "train_time_s")
+    small = {k: ckpt[k] for k in keep if k in ckpt}
+    small["model"] = state
+    small["card"] = _plain(card or {})
+    path = atomic_torch_save(small, dst)
+    tmp = Path(str(dst) + ".json.tmp")
+    tmp.write_text(json.dumps(small["card"], indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, str(dst) + ".json")
+    return path
