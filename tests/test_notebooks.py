@@ -14,6 +14,8 @@ WALKTHROUGHS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 # text each walkthrough's executed outputs must contain (beyond "no error")
 EXPECTED_OUTPUT = {
     "01_fcos_fpn_assignment.ipynb": ["| FCOS w/ FPN |", "positive locations"],
+    "02_centerness.ipynb": ["| √(cls·ctr) (FCOS) |", "within-object Spearman",
+                            "| reg | `{'centerness_on': 'reg'}` | 37.4"],
 }
 
 
