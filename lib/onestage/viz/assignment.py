@@ -15,7 +15,6 @@ ipywidgets controls.
 """
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -39,6 +38,7 @@ from onestage.analysis.fcos_assignment import (
     resize_scale,
 )
 from onestage.modeling.fcos import _size_ranges, assign_targets, compute_locations, location_candidates
+from onestage.viz.widgets import figure_explorer
 
 __all__ = [
     "ImageAssignment",
@@ -389,12 +389,6 @@ def _counts_html(counts: AssignmentCounts, a: ImageAssignment, class_names) -> s
     return f"<table>{body}</table>"
 
 
-def _figure_png(fig: Figure, dpi: int) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
-
-
 def assignment_explorer(image, boxes, labels, class_names: Optional[Sequence[str]] = None,
                         strides: Sequence[int] = STRIDES, sizes_of_interest: Sequence[float] = SIZES_OF_INTEREST,
                         center_sampling: bool = True, radius: float = 1.5, dpi: int = 80):
@@ -431,38 +425,23 @@ def assignment_explorer(image, boxes, labels, class_names: Optional[Sequence[str
     controls["level"] = widgets.Dropdown(options=[("all levels", -1)] + [(_level_name(s), i)
                                                                           for i, s in enumerate(strides)],
                                          value=-1, description="show")
-    picture = widgets.Image(format="png")
-    stats = widgets.HTML()
-    state = SimpleNamespace(redraws=0, counts=None, assignment=None, figure=None, error=None)
+    state = SimpleNamespace(counts=None, assignment=None)
 
-    def update(_change=None):
+    def render():
         soi = tuple(controls[f"m{k + 2}"].value for k in range(4))
         cs, r = controls["center_sampling"].value, controls["radius"].value
         controls["radius"].disabled = not cs
         level = controls["level"].value
-        try:
-            a = image_assignment(h, w, boxes, labels, strides, soi, cs, r)
-            counts = fcos_image_counts(boxes, labels, h, w, AssignmentSetting(
-                "explorer", strides=strides, sizes_of_interest=soi, center_sampling=cs, center_sampling_radius=r))
-            fig = plot_assignment(img, boxes, labels, class_names, strides, soi, cs, r,
-                                  levels=None if level < 0 else [level], assignment=a,
-                                  panel=3.6 if level < 0 else 7.0)
-            picture.value = _figure_png(fig, dpi)
-            warn = "" if all(lo < hi for lo, hi in zip(soi, soi[1:])) else (
-                "<p style='color:#b00'>Boundaries are not increasing: some levels take no objects.</p>")
-            stats.value = warn + _counts_html(counts, a, class_names)
-            state.counts, state.assignment, state.figure, state.error = counts, a, fig, None
-        except Exception as exc:  # shown in the widget rather than lost in the widget state
-            state.error = exc
-            stats.value = f"<pre style='color:#b00'>{type(exc).__name__}: {exc}</pre>"
-        state.redraws += 1
+        a = image_assignment(h, w, boxes, labels, strides, soi, cs, r)
+        counts = fcos_image_counts(boxes, labels, h, w, AssignmentSetting(
+            "explorer", strides=strides, sizes_of_interest=soi, center_sampling=cs, center_sampling_radius=r))
+        fig = plot_assignment(img, boxes, labels, class_names, strides, soi, cs, r,
+                              levels=None if level < 0 else [level], assignment=a,
+                              panel=3.6 if level < 0 else 7.0)
+        warn = "" if all(lo < hi for lo, hi in zip(soi, soi[1:])) else (
+            "<p style='color:#b00'>Boundaries are not increasing: some levels take no objects.</p>")
+        state.counts, state.assignment = counts, a
+        return fig, warn + _counts_html(counts, a, class_names)
 
-    for c in controls.values():
-        c.observe(update, names="value")
-    row1 = widgets.HBox([controls["m2"], controls["m3"], controls["m4"], controls["m5"]],
-                        layout=widgets.Layout(flex_flow="row wrap"))
-    row2 = widgets.HBox([controls["center_sampling"], controls["radius"], controls["level"]])
-    box = widgets.VBox([row1, row2, stats, picture])
-    box.controls, box.state, box.update = controls, state, update
-    update()
-    return box
+    return figure_explorer(controls, [["m2", "m3", "m4", "m5"], ["center_sampling", "radius", "level"]], render,
+                           state, dpi)

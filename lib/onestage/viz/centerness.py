@@ -19,7 +19,6 @@ Nothing here re-implements FCOS: targets come from ``centerness_target``, candid
 """
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -34,6 +33,7 @@ from torchvision.ops import box_iou
 from torchvision.utils import draw_bounding_boxes
 
 from onestage.modeling.fcos import FCOSHeadOutputs, centerness_target, compute_locations, postprocess
+from onestage.viz.widgets import figure_explorer
 
 __all__ = [
     "CENTERNESS_FORMULA",
@@ -685,12 +685,6 @@ def plot_detections(model, image: Tensor, target: Optional[dict] = None, score_t
     return fig
 
 
-def _figure_png(fig: Figure, dpi: int) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    return buf.getvalue()
-
-
 def centerness_explorer(model, dataset, class_names: Optional[Sequence[str]] = None, image_index: int = 0,
                         score_thresh: float = 0.3, use_centerness: bool = True, dpi: int = 80):
     """An ipywidgets ``VBox`` around :func:`plot_detections`: an image-index slider, a score-threshold slider and a
@@ -711,33 +705,18 @@ def centerness_explorer(model, dataset, class_names: Optional[Sequence[str]] = N
                                             description="score ≥", continuous_update=False),
         "use_centerness": widgets.Checkbox(value=bool(use_centerness), description="use center-ness (√(cls·ctr))"),
     }
-    picture = widgets.Image(format="png")
-    stats = widgets.HTML()
-    state = SimpleNamespace(redraws=0, detections=None, counts=None, figure=None, error=None)
+    state = SimpleNamespace(detections=None, counts=None)
     cache: dict = {}
 
-    def update(_change=None):
+    def render():
         i = controls["image_index"].value
         use = controls["use_centerness"].value
-        try:
-            image, target = dataset[i]
-            det = detect(model, image, use, cache, i)
-            fig = plot_detections(model, image, target, controls["score_thresh"].value, use, names, detections=det)
-            picture.value = _figure_png(fig, dpi)
-            c = fig.counts
-            stats.value = (f"<b>image {i}</b>: {c['tp']} true positives, {c['dup']} duplicates, {c['fp']} false "
-                           f"positives, {c['missed']} missed of {len(target['boxes'])} objects")
-            state.detections, state.counts, state.figure, state.error = det, c, fig, None
-        except Exception as exc:  # shown in the widget rather than lost in the widget state
-            state.error = exc
-            stats.value = f"<pre style='color:#b00'>{type(exc).__name__}: {exc}</pre>"
-        state.redraws += 1
+        image, target = dataset[i]
+        det = detect(model, image, use, cache, i)
+        fig = plot_detections(model, image, target, controls["score_thresh"].value, use, names, detections=det)
+        c = fig.counts
+        state.detections, state.counts = det, c
+        return fig, (f"<b>image {i}</b>: {c['tp']} true positives, {c['dup']} duplicates, {c['fp']} false "
+                     f"positives, {c['missed']} missed of {len(target['boxes'])} objects")
 
-    for c in controls.values():
-        c.observe(update, names="value")
-    row = widgets.HBox([controls["image_index"], controls["score_thresh"], controls["use_centerness"]],
-                       layout=widgets.Layout(flex_flow="row wrap"))
-    box = widgets.VBox([row, stats, picture])
-    box.controls, box.state, box.update = controls, state, update
-    update()
-    return box
+    return figure_explorer(controls, [["image_index", "score_thresh", "use_centerness"]], render, state, dpi)
