@@ -286,3 +286,17 @@ def test_experiment_notebook_runs_quick(tmp_path):
     assert set(r["metrics"]["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert r["iterations"] > 0 and r["inference_ms_per_image"] > 0
     assert {"python", "torch", "torchvision", "onestage"} <= set(r["versions"])
+
+
+def test_train_set_overrides_are_parsed_checked_and_reach_every_job(tmp_path):
+    from onestage.experiments.runner import parse_train_set, plan_runs
+    from onestage.experiments.tables import TableError, load_table
+
+    assert parse_train_set(["max_iters=300", "time_budget_s=None", "optimizer=sgd"]) == {
+        "max_iters": 300, "time_budget_s": None, "optimizer": "sgd"}
+    with pytest.raises(TableError):
+        parse_train_set(["max_iter=300"])  # typo: not a TrainConfig field
+    table = load_table("fcos_centerness")
+    jobs = plan_runs(table, seeds=2, out=tmp_path, train_overrides={"max_iters": 7})
+    assert len(jobs) == 2 * len(table.runnable_rows(None))
+    assert all(j["parameters"]["train_overrides"]["max_iters"] == 7 for j in jobs)

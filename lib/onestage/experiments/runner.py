@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import multiprocessing
+import os
 import re
 import signal
 import sys
@@ -92,6 +93,7 @@ def plan_runs(
     timeout: float = DEFAULT_TIMEOUT_S,
     kernel: str = "python3",
     cwd: Optional[Path] = None,
+    train_overrides: Optional[dict] = None,
 ) -> list[dict]:
     """One job dict per (row, seed): everything a worker needs, all paths absolute, all values JSON-able."""
     nb = Path(notebook) if notebook is not None else _table_notebook(table)
@@ -107,7 +109,7 @@ def plan_runs(
                 "data": data,
                 "seed": seed,
                 "overrides": table.model_overrides(row),
-                "train_overrides": table.train_overrides_for(row),
+                "train_overrides": {**table.train_overrides_for(row), **(train_overrides or {})},
                 "out_dir": str(rec.parent / stem),
                 "record_path": str(rec),
                 "quick": bool(quick),
@@ -302,8 +304,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--results-dir", type=Path,
                         help="folder holding <row>__seed<k>.json records for --report (default: <out>/<table>)")
     parser.add_argument("--figure", type=Path, help="with --report: also save the comparison figure here")
+    parser.add_argument("--train-set", action="append", metavar="KEY=VALUE", default=[],
+                        help="TrainConfig override for every run, e.g. --train-set max_iters=300 --train-set "
+                             "time_budget_s=None (values are Python literals; recorded in each run's config)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per run (sets OMP_NUM_THREADS for the kernels); with --workers K, "
+                             "K runs × N threads should not exceed the cores")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def parse_train_set(items: Sequence[str]) -> dict:
+    """``["max_iters=300", "time_budget_s=None"]`` → ``{"max_iters": 300, "time_budget_s": None}``; names are
+    checked against :class:`onestage.config.TrainConfig` so a typo fails before anything runs."""
+    import ast
+    import dataclasses
+
+    from onestage.config import TrainConfig
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in known:
+            raise TableError(f"--train-set {item!r}: expected KEY=VALUE with KEY one of {sorted(known)}")
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -334,9 +363,15 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds < 1 or args.workers < 1:
         print("error: --seeds and --workers must be >= 1", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print("error: --threads must be >= 1", file=sys.stderr)
+            return 2
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)  # inherited by kernels
     try:
         jobs = plan_runs(table, seeds=args.seeds, preset=args.preset, data=args.data, out=args.out, rows=args.rows,
-                         quick=args.quick, notebook=args.notebook, timeout=args.timeout, kernel=args.kernel)
+                         quick=args.quick, notebook=args.notebook, timeout=args.timeout, kernel=args.kernel,
+                         train_overrides=parse_train_set(getattr(args, "train_set", [])))
         if not jobs:
             raise TableError(f"table {table.id!r}: no rows to run")
         validate_parameters(Path(jobs[0]["notebook"]), list(jobs[0]["parameters"]))
