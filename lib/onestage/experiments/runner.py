@@ -315,23 +315,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def parse_train_set(items: Sequence[str]) -> dict:
-    """``["max_iters=300", "time_budget_s=None"]`` → ``{"max_iters": 300, "time_budget_s": None}``; names are
-    checked against :class:`onestage.config.TrainConfig` so a typo fails before anything runs."""
-    import ast
+    """``["max_iters=300", "time_budget_s=None"]`` → ``{"max_iters": 300, "time_budget_s": None}`` (the same
+    KEY=VALUE parsing as ``train --train-set``); names are checked against :class:`onestage.config.TrainConfig` so a
+    typo fails before anything runs."""
     import dataclasses
 
+    from onestage.cli import UserError, _parse_sets
     from onestage.config import TrainConfig
 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    out = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or key not in known:
-            raise TableError(f"--train-set {item!r}: expected KEY=VALUE with KEY one of {sorted(known)}")
-        try:
-            out[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            out[key] = text
+    try:
+        out = _parse_sets(items, "--train-set")
+    except UserError as e:
+        raise TableError(str(e)) from e
+    unknown = sorted(set(out) - known)
+    if unknown:
+        raise TableError(f"--train-set {unknown}: not TrainConfig fields; known: {sorted(known)}")
     return out
 
 
