@@ -252,3 +252,26 @@ def test_presets_and_overrides():
         onestage.build_model("fcos", preset="smoke", num_classes=2, no_such_option=1)
     with pytest.raises(ValueError):
         FCOSConfig.preset("huge")
+
+
+def test_postprocess_return_indices_point_at_the_detecting_location():
+    import torch
+    from onestage.modeling.fcos import FCOSHeadOutputs, compute_locations, flatten_levels, postprocess
+    torch.manual_seed(0)
+    strides = [8, 16]
+    feats = [torch.zeros(1, 1, 6, 5), torch.zeros(1, 1, 3, 3)]
+    locs = compute_locations(feats, strides)
+    logits = [torch.randn(1, 3, 6, 5), torch.randn(1, 3, 3, 3)]
+    reg = [torch.rand(1, 4, 6, 5) + 0.5, torch.rand(1, 4, 3, 3) + 0.5]
+    ctr = [torch.randn(1, 1, 6, 5), torch.randn(1, 1, 3, 3)]
+    out = FCOSHeadOutputs(logits, reg, ctr, None)
+    res = postprocess(out, locs, strides, [(48, 40)], score_thresh=0.05, return_indices=True)[0]
+    plain = postprocess(out, locs, strides, [(48, 40)], score_thresh=0.05)[0]
+    assert torch.equal(res["boxes"], plain["boxes"]) and "location_inds" not in plain
+    flat_logits = flatten_levels(logits)[0]
+    flat_ctr = flatten_levels(ctr)[0, :, 0]
+    expect = torch.sqrt(flat_logits[res["location_inds"], res["labels"]].sigmoid()
+                        * flat_ctr[res["location_inds"]].sigmoid())
+    assert torch.allclose(res["scores"], expect)
+    assert torch.equal(res["locations"], torch.cat(locs)[res["location_inds"]])
+    assert torch.equal(res["fpn_levels"], (res["location_inds"] >= 30).long())

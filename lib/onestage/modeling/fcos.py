@@ -461,7 +461,8 @@ def fcos_losses(head_out: FCOSHeadOutputs, assigned: FCOSTargets, num_classes: i
 
 def postprocess(head_out: FCOSHeadOutputs, locations: Sequence[Tensor], strides: Sequence[int],
                 image_sizes: Sequence[tuple], score_thresh: float = 0.05, pre_nms_topk: int = 1000,
-                nms_thresh: float = 0.6, detections_per_img: int = 100, thresh_with_ctr: bool = False) -> List[dict]:
+                nms_thresh: float = 0.6, detections_per_img: int = 100, thresh_with_ctr: bool = False,
+                return_indices: bool = False) -> List[dict]:
     """Detections per image (paper §3.1 "Inference"; AdelaiDet ``forward_for_single_feature_map`` +
     ``select_over_all_levels`` + d2 ``detector_postprocess``).
 
@@ -471,11 +472,18 @@ def postprocess(head_out: FCOSHeadOutputs, locations: Sequence[Tensor], strides:
     geometric mean, which keeps scores on the classifier's scale), or cls alone without a center-ness branch.
     Then over all levels: class-aware NMS at ``nms_thresh``, keep the ``detections_per_img`` best (AdelaiDet's
     ``kthvalue`` cut can keep more on exact ties; we keep exactly that many), clip to the image and drop empty boxes.
+
+    ``return_indices=True`` adds, per detection, ``location_inds`` (index into the image's locations flattened over
+    all levels, the order of ``flatten_levels``), ``fpn_levels`` and ``locations`` (x, y in input pixels): what the
+    mask heads (CondInst's controller, BlendMask's attentions) need to fetch the detection's per-location outputs.
     """
+    level_offsets = [0]
+    for locs in locations:
+        level_offsets.append(level_offsets[-1] + locs.shape[0])
     num_images = head_out.logits[0].shape[0]
     results = []
     for i in range(num_images):
-        all_boxes, all_scores, all_labels = [], [], []
+        all_boxes, all_scores, all_labels, all_inds, all_levels = [], [], [], [], []
         for lvl, (locs, s) in enumerate(zip(locations, strides)):
             logit = head_out.logits[lvl][i]
             num_classes = logit.shape[0]
@@ -501,16 +509,23 @@ def postprocess(head_out: FCOSHeadOutputs, locations: Sequence[Tensor], strides:
             all_boxes.append(boxes)
             all_scores.append(torch.sqrt(scores) if ctr is not None else scores)
             all_labels.append(labels)
+            all_inds.append(loc_idx + level_offsets[lvl])
+            all_levels.append(torch.full_like(loc_idx, lvl))
         boxes = torch.cat(all_boxes)
         scores = torch.cat(all_scores)
         labels = torch.cat(all_labels)
+        inds, levels = torch.cat(all_inds), torch.cat(all_levels)
         keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]  # sorted by decreasing score
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        boxes, scores, labels, inds, levels = boxes[keep], scores[keep], labels[keep], inds[keep], levels[keep]
         h, w = image_sizes[i]
         boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h),
                              boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], dim=1)
         nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        results.append({"boxes": boxes[nonempty], "scores": scores[nonempty], "labels": labels[nonempty]})
+        result = {"boxes": boxes[nonempty], "scores": scores[nonempty], "labels": labels[nonempty]}
+        if return_indices:
+            inds = inds[nonempty]
+            result.update(location_inds=inds, fpn_levels=levels[nonempty], locations=torch.cat(locations)[inds])
+        results.append(result)
     return results
 
 
@@ -564,10 +579,11 @@ class FCOS(nn.Module):
             return losses, extras
         return losses
 
-    def postprocess(self, head_out: FCOSHeadOutputs, locations: Sequence[Tensor], image_sizes: Sequence[tuple]):
+    def postprocess(self, head_out: FCOSHeadOutputs, locations: Sequence[Tensor], image_sizes: Sequence[tuple],
+                    return_indices: bool = False):
         c = self.cfg
         return postprocess(head_out, locations, self.strides, image_sizes, c.score_thresh, c.pre_nms_topk,
-                           c.nms_thresh, c.detections_per_img, c.thresh_with_ctr)
+                           c.nms_thresh, c.detections_per_img, c.thresh_with_ctr, return_indices)
 
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None):
         if self.training and targets is None:
