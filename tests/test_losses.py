@@ -100,3 +100,20 @@ def test_dice_loss_per_instance():
     loss = dice_loss(p, t, eps=0.0)
     torch.testing.assert_close(loss, torch.tensor([0.0, 1.0, 1 - 8 / 12]))
     assert dice_loss(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2)).item() == pytest.approx(1.0)  # eps avoids 0/0
+
+
+def test_mask_nms_removes_a_duplicate_and_keeps_a_distinct_mask():
+    import torch
+    from onestage.structures import mask_iou, mask_nms
+    m = torch.zeros(4, 10, 10, dtype=torch.bool)
+    m[0, 2:6, 2:6] = True          # 16 px
+    m[1, 2:6, 2:5] = True          # inside m0: IoU 12/16 = .75 -> duplicate of m0
+    m[2, 6:9, 6:9] = True          # disjoint
+    m[3, 2:6, 2:6] = True          # same mask as m0 but another class: kept
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    labels = torch.tensor([0, 0, 0, 1])
+    assert torch.isclose(mask_iou(m[:1], m[1:2])[0, 0], torch.tensor(0.75))
+    assert mask_nms(m, scores, labels, 0.5).tolist() == [0, 2, 3]
+    assert mask_nms(m, scores, labels, 0.8).tolist() == [0, 1, 2, 3]
+    # the lower-scored duplicate is removed whichever comes first in memory
+    assert mask_nms(m.flip(0), scores.flip(0), labels.flip(0), 0.5).tolist() == [3, 1, 0]
