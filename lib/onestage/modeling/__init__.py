@@ -4,10 +4,21 @@ from __future__ import annotations
 import dataclasses
 
 
-def _registry():
-    from onestage.modeling.fcos import FCOS, FCOSConfig
+#: name → (module, config class, model class). Modules are imported on first use.
+_MODEL_TABLE = {
+    "fcos": ("onestage.modeling.fcos", "FCOSConfig", "FCOS"),
+    "condinst": ("onestage.modeling.condinst", "CondInstConfig", "CondInst"),
+}
 
-    return {"fcos": (FCOSConfig, FCOS)}
+
+def _registry():
+    import importlib
+
+    out = {}
+    for name, (module, cfg_name, model_name) in _MODEL_TABLE.items():
+        mod = importlib.import_module(module)
+        out[name] = (getattr(mod, cfg_name), getattr(mod, model_name))
+    return out
 
 
 class _LazyRegistry(dict):
