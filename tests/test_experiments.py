@@ -27,7 +27,8 @@ def test_every_paper_table_validates_and_sources_its_numbers():
     ids = list_tables()
     expected = {"fcos_centerness", "fcos_ambiguity_bpr", "condinst_table1", "condinst_table2", "condinst_table3",
                 "condinst_table4", "condinst_table5", "solo_grid_fpn", "solo_coordconv", "solo_decoupled",
-                "solo_nms"}
+                "solo_nms", "blendmask_table1", "blendmask_table2", "blendmask_table3", "blendmask_table5",
+                "blendmask_table6"}
     assert expected <= set(ids)
     for tid in ids:
         t = load_table(tid)

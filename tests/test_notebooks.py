@@ -16,6 +16,7 @@ EXPECTED_OUTPUT = {
     "01_fcos_fpn_assignment.ipynb": ["| FCOS w/ FPN |", "positive locations"],
     "02_centerness.ipynb": ["| √(cls·ctr) (FCOS) |", "within-object Spearman",
                             "| reg | `{'centerness_on': 'reg'}` | 37.4"],
+    "03_blendmask_blender.ipynb": ["| BlendMask blender", "Mask R-CNN mask head", "Claims to check"],
 }
 
 

@@ -8,6 +8,7 @@ import dataclasses
 _MODEL_TABLE = {
     "fcos": ("onestage.modeling.fcos", "FCOSConfig", "FCOS"),
     "condinst": ("onestage.modeling.condinst", "CondInstConfig", "CondInst"),
+    "blendmask": ("onestage.modeling.blendmask", "BlendMaskConfig", "BlendMask"),
 }
 
 
