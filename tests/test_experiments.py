@@ -196,6 +196,27 @@ def test_plan_merges_baseline_and_row_overrides(tmp_path):
         runner.plan_runs(t, out=tmp_path, rows=["depth=9"])
 
 
+def test_identical_configs_across_tables_share_one_run(tmp_path):
+    """CondInst's baseline is a row of all five tables: it is trained once per seed and its record reused."""
+    t1, t4 = load_table("condinst_table1"), load_table("condinst_table4")
+    base1 = runner.plan_runs(t1, seeds=2, out=tmp_path, rows=["depth=3", "depth=1"], preset="smoke")
+    base4 = runner.plan_runs(t4, seeds=2, out=tmp_path, rows=["factor=4"], preset="smoke")
+    keys1 = {(j["row"], j["seed"]): j["config_key"] for j in base1}
+    assert keys1[("depth=3", 0)] == base4[0]["config_key"] and keys1[("depth=3", 1)] == base4[1]["config_key"]
+    assert keys1[("depth=1", 0)] != keys1[("depth=3", 0)] != keys1[("depth=3", 1)]
+    other = runner.plan_runs(t4, seeds=1, out=tmp_path, rows=["factor=4"], preset="smoke",
+                             train_overrides={"max_iters": 7})
+    assert other[0]["config_key"] != base4[0]["config_key"]  # a different schedule is a different run
+    done = next(j for j in base1 if j["row"] == "depth=3" and j["seed"] == 0)
+    write_json_atomic(done["record_path"], {"status": "finished", "config_key": done["config_key"],
+                                            "metrics": {"segm": {"AP": 12.5}}})
+    summaries, _ = runner.run_jobs(base4[:1], workers=1, progress=False)
+    assert summaries == [{"row": "factor=4", "seed": 0, "status": "shared", "error": None, "seconds": 0.0}]
+    shared = read_record(base4[0]["record_path"])
+    assert shared["metrics"]["segm"]["AP"] == 12.5 and shared["row"] == "factor=4" and shared["table"] == t4.id
+    assert shared["shared_from"] == done["record_path"]
+
+
 # ------------------------------------------------------------------------------------------------------ aggregate
 def test_aggregate_mean_std_and_sign_checks(tmp_path):
     table = validate_table(_minimal_table(

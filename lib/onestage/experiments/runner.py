@@ -115,6 +115,7 @@ def plan_runs(
                 "quick": bool(quick),
             }
             jobs.append({
+                "config_key": config_key(params),
                 "table": table.id,
                 "row": row.name,
                 "seed": seed,
@@ -127,6 +128,51 @@ def plan_runs(
                 "cwd": str((cwd or repo_root()).resolve()),
             })
     return jobs
+
+
+def config_key(params: dict) -> Optional[str]:
+    """A digest of everything that determines a run's result: model, its *effective* config (the preset with the row's
+    overrides applied, so ``{}`` and ``{"mask_head_depth": 3}`` agree when 3 is the default), data, seed, training
+    overrides and quick mode. Two jobs with the same key train the same model on the same data with the same seed —
+    a paper's baseline row typically appears in every table of a paper. ``None`` if the config cannot be built."""
+    import dataclasses
+    import hashlib
+    import json
+
+    from onestage.modeling import get_model_config
+
+    effective = "smoke" if params.get("quick") else params["preset"]
+    try:
+        cfg = dataclasses.asdict(get_model_config(params["model"], effective, **params["overrides"]))
+    except (TypeError, ValueError):
+        return None  # an unknown override: the run itself will fail loudly and be recorded as failed
+    blob = json.dumps({"model": params["model"], "preset": effective, "cfg": cfg, "data": params["data"],
+                       "seed": params["seed"], "train": params["train_overrides"], "quick": bool(params["quick"])},
+                      sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def find_shared_record(job: dict) -> Optional[Path]:
+    """A finished record of another table under the same results root with the same :func:`config_key`."""
+    key = job.get("config_key")
+    if not key:
+        return None
+    own = Path(job["record_path"])
+    for path in sorted(own.parent.parent.glob("*/*.json")):
+        if path == own:
+            continue
+        rec = read_record(path)
+        if rec and rec.get("status") == "finished" and rec.get("config_key") == key and not rec.get("shared_from"):
+            return path
+    return None
+
+
+def share_record(job: dict, source: Path) -> dict:
+    """Write ``job``'s record as a copy of the identical run at ``source`` (marked ``shared_from``)."""
+    rec = read_record(source)
+    write_json_atomic(job["record_path"], {**rec, "table": job["table"], "row": job["row"], "seed": job["seed"],
+                                           "shared_from": str(source)})
+    return {"row": job["row"], "seed": job["seed"], "status": "shared", "error": None, "seconds": 0.0}
 
 
 def _table_notebook(table: PaperTable) -> Path:
@@ -182,7 +228,7 @@ def execute_job(job: dict) -> dict:
     rec = read_record(rec_path) if error is None else None
     if error is None and (rec is None or rec.get("status") != "finished"):
         error = f"notebook ran to the end but left no finished record at {rec_path}"
-    run_info = {"table": job["table"], "row": job["row"], "seed": job["seed"],
+    run_info = {"table": job["table"], "row": job["row"], "seed": job["seed"], "config_key": job.get("config_key"),
                 "executed_notebook": job["output_notebook"], "wall_s": round(seconds, 2)}
     if error is None:
         write_json_atomic(rec_path, {**rec, **run_info})
@@ -207,8 +253,10 @@ def _worker_init() -> None:
 def run_jobs(jobs: list[dict], workers: int = 1, progress: bool = True) -> tuple[list[dict], bool]:
     """Run ``jobs`` with at most ``workers`` at once; returns (summaries, interrupted).
 
-    Jobs whose record is already finished are skipped (summary status ``"skipped"``). Jobs are submitted lazily, so
-    an interrupt only has to stop the loop: nothing queued needs cancelling.
+    Jobs whose record is already finished are skipped (summary status ``"skipped"``); a job whose exact
+    configuration already finished for another table under the same results root reuses that record (status
+    ``"shared"``, the record names its source) instead of training the same model again. Jobs are submitted lazily,
+    so an interrupt only has to stop the loop: nothing queued needs cancelling.
     """
     from tqdm.auto import tqdm
 
@@ -218,6 +266,8 @@ def run_jobs(jobs: list[dict], workers: int = 1, progress: bool = True) -> tuple
         if is_finished(job["record_path"]):
             summaries.append({"row": job["row"], "seed": job["seed"], "status": "skipped", "error": None,
                               "seconds": 0.0})
+        elif (source := find_shared_record(job)) is not None:
+            summaries.append(share_record(job, source))
         else:
             todo.append(job)
     if not todo:
