@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
+# make demo [MODEL=condinst]
+MODEL ?= fcos
 demo: $(STAMP)
-	$(PY) -m onestage demo
+	$(PY) -m onestage demo --model $(MODEL)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -68,3 +68,9 @@ def test_bad_inputs_exit_nonzero_with_a_message(tmp_path, toy_checkpoint, capsys
     assert main(["train", "--preset", "smoke", "--set", "oops", "--out", str(tmp_path / "r"),
                  "--data", "coco:a.json:b"]) == 2
     assert "key=value" in capsys.readouterr().err
+
+
+def test_demo_rejects_an_unknown_model_before_doing_any_work(tmp_path, capsys):
+    assert main(["demo", "--model", "yolo", "--out", str(tmp_path / "d"), "--data-root", str(tmp_path / "g")]) != 0
+    assert "unknown model 'yolo'" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists() and not (tmp_path / "d").exists()

@@ -245,6 +245,8 @@ def cmd_demo(args) -> int:
     from onestage.engine.train import seed_everything, train
     from onestage.viz import save_figure
 
+    if args.model not in onestage.available_models():
+        raise UserError(f"unknown model {args.model!r}; available: {', '.join(onestage.available_models())}")
     out = _run_dir(args, "demo")
     if (out / "last.pt").exists():
         raise UserError(f"{out} already holds a run; choose another --out")
@@ -258,8 +260,9 @@ def cmd_demo(args) -> int:
     train_ds = _dataset(spec, "train", cfg, train=True)
     val_ds = _dataset(spec, "val", cfg, train=False)
     seed_everything(cfg.seed)
-    model = onestage.build_model("fcos", preset="cpu", num_classes=train_ds.num_classes)
-    print(f"2/4 training FCOS (cpu preset) for at most {cfg.max_iters} iterations / "
+    model = onestage.build_model(args.model, preset="cpu", num_classes=train_ds.num_classes)
+    title = model.__class__.__name__
+    print(f"2/4 training {title} (cpu preset) for at most {cfg.max_iters} iterations / "
           f"{cfg.time_budget_s or 'unlimited'} s -> {out}", file=sys.stderr)
     summary = train(model, train_ds, cfg, out, progress=not args.no_progress, class_names=train_ds.class_names)
     print(f"3/4 COCO evaluation on {min(len(val_ds), args.eval_images or len(val_ds))} val images", file=sys.stderr)
@@ -268,9 +271,9 @@ def cmd_demo(args) -> int:
     print("4/4 drawing predictions", file=sys.stderr)
     image, _ = val_ds[0]
     fig, _ = predict_figure(model, image, train_ds.class_names, args.score_thresh,
-                            title=f"FCOS after {summary['iterations']} iterations")
+                            title=f"{title} after {summary['iterations']} iterations")
     fig_path = save_figure(fig, out / "predictions.png")
-    print(format_metrics(metrics, title=f"FCOS (cpu preset), {summary['iterations']} iterations, "
+    print(format_metrics(metrics, title=f"{title} (cpu preset), {summary['iterations']} iterations, "
                                         f"{summary['train_time_s']:.0f} s: COCO AP on synthetic val"))
     print(f"checkpoint:  {summary['checkpoint']}\nmetrics:     {out / 'eval.json'}\n"
           f"train log:   {out / 'metrics.jsonl'}\npredictions: {fig_path}")
@@ -391,10 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     r.set_defaults(func=cmd_predict)
 
-    m = sub.add_parser("demo", formatter_class=fmt, help="synthetic data -> train FCOS -> COCO AP -> picture",
-                       description="Generate the synthetic dataset (once), train FCOS at the cpu preset within a "
-                                   "time budget, evaluate with COCOeval on the val split, print the AP table and save "
-                                   "a predictions figure.")
+    m = sub.add_parser("demo", formatter_class=fmt, help="synthetic data -> train a model -> COCO AP -> picture",
+                       description="Generate the synthetic dataset (once), train a model (FCOS by default) at the cpu "
+                                   "preset within a time budget, evaluate with COCOeval on the val split, print the AP "
+                                   "table and save a predictions figure.")
+    m.add_argument("--model", default="fcos", help="fcos, condinst, blendmask, solov2, ... (onestage.available_models())")
     m.add_argument("--time-budget", type=float, default=15 * 60, help="seconds of training; 0 = no budget")
     m.add_argument("--max-iters", type=int, default=None, help="override the cpu preset's iterations")
     m.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N val images (default all)")
