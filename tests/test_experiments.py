@@ -196,6 +196,15 @@ def test_plan_merges_baseline_and_row_overrides(tmp_path):
         runner.plan_runs(t, out=tmp_path, rows=["depth=9"])
 
 
+def test_tuple_train_overrides_reach_the_notebook_as_lists_and_the_config_as_tuples(tmp_path):
+    from onestage.config import get_train_config
+
+    sets = runner.parse_train_set(["min_size=(256, 288)", "max_iters=5"])
+    jobs = runner.plan_runs(load_table("condinst_table4"), out=tmp_path, rows=["factor=1"], train_overrides=sets)
+    assert jobs[0]["parameters"]["train_overrides"] == {"min_size": [256, 288], "max_iters": 5}
+    assert get_train_config("cpu", min_size=[256, 288]).min_size == (256, 288)
+
+
 def test_identical_configs_across_tables_share_one_run(tmp_path):
     """CondInst's baseline is a row of all five tables: it is trained once per seed and its record reused."""
     t1, t4 = load_table("condinst_table1"), load_table("condinst_table4")

@@ -53,6 +53,9 @@ class TrainConfig:
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise TypeError(f"unknown TrainConfig option(s) {unknown}; known: {sorted(names)}")
+        # Values that went through JSON (papermill parameters, records) come back as lists: restore tuple fields.
+        overrides = {k: tuple(v) if isinstance(v, list) and isinstance(getattr(self, k), tuple) else v
+                     for k, v in overrides.items()}
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict:

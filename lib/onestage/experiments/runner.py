@@ -95,7 +95,11 @@ def plan_runs(
     cwd: Optional[Path] = None,
     train_overrides: Optional[dict] = None,
 ) -> list[dict]:
-    """One job dict per (row, seed): everything a worker needs, all paths absolute, all values JSON-able."""
+    """One job dict per (row, seed): everything a worker needs, all paths absolute, all values JSON-able (tuples
+    become lists: papermill would pass a tuple to the notebook as its string)."""
+    import json
+
+    train_overrides = json.loads(json.dumps(train_overrides or {}))
     nb = Path(notebook) if notebook is not None else _table_notebook(table)
     out = Path(out).resolve()
     jobs = []
@@ -109,7 +113,7 @@ def plan_runs(
                 "data": data,
                 "seed": seed,
                 "overrides": table.model_overrides(row),
-                "train_overrides": {**table.train_overrides_for(row), **(train_overrides or {})},
+                "train_overrides": {**table.train_overrides_for(row), **train_overrides},
                 "out_dir": str(rec.parent / stem),
                 "record_path": str(rec),
                 "quick": bool(quick),
