@@ -17,6 +17,7 @@ EXPECTED_OUTPUT = {
     "02_centerness.ipynb": ["| √(cls·ctr) (FCOS) |", "within-object Spearman",
                             "| reg | `{'centerness_on': 'reg'}` | 37.4"],
     "03_blendmask_blender.ipynb": ["| BlendMask blender", "Mask R-CNN mask head", "Claims to check"],
+    "05_solo_grids.ipynb": ["channels k = i·S + j"],
 }
 
 

@@ -9,6 +9,9 @@ _MODEL_TABLE = {
     "fcos": ("onestage.modeling.fcos", "FCOSConfig", "FCOS"),
     "condinst": ("onestage.modeling.condinst", "CondInstConfig", "CondInst"),
     "blendmask": ("onestage.modeling.blendmask", "BlendMaskConfig", "BlendMask"),
+    "solo": ("onestage.modeling.solo", "SOLOConfig", "SOLO"),
+    "decoupled_solo": ("onestage.modeling.solo", "DecoupledSOLOConfig", "DecoupledSOLO"),
+    "solov2": ("onestage.modeling.solov2", "SOLOv2Config", "SOLOv2"),
 }
 
 

