@@ -280,6 +280,30 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_checkpoints(args) -> int:
+    from onestage.engine.shipped import DEFAULT_MODELS, make_shipped_checkpoint
+
+    pairs = [tuple(p.split("@", 1)) if "@" in p else (p, "synthetic") for p in args.which] or list(DEFAULT_MODELS)
+    import onestage
+
+    for model, _ in pairs:
+        if model not in onestage.available_models():
+            raise UserError(f"unknown model {model!r}; available: {', '.join(onestage.available_models())}")
+    rows = []
+    for model, data in pairs:
+        print(f"== {model} on {data} (cpu preset) -> {args.out}", file=sys.stderr, flush=True)
+        card = make_shipped_checkpoint(model, data, args.out, args.runs, time_budget_s=args.time_budget,
+                                       max_iters=args.max_iters, progress=not args.no_progress)
+        seg = card["metrics_val"].get("segm", {}).get("AP")
+        rows.append(f"| {model} | {data} | {card['iterations']} | {card['train_time_s']:.0f} | "
+                    f"{card['metrics_val']['bbox']['AP']:.1f} | {'-' if seg is None else f'{seg:.1f}'} | "
+                    f"{card['bytes'] / 2**20:.1f} |" + (f" {card['warning']}" if "warning" in card else ""))
+        print(rows[-1], flush=True)
+    print("| model | data | iterations | train s | box AP | mask AP | MiB |\n|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    return 0
+
+
 BENCH_TARGETS = ("fcos", "condinst", "blendmask", "solov2", "mask-heads", "kernels")
 
 
@@ -407,6 +431,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--score-thresh", type=float, default=0.3, help="draw detections scoring at least this")
     m.add_argument("--no-progress", action="store_true", help="no progress bars")
     m.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("checkpoints", formatter_class=fmt, help="train and export the small shipped checkpoints",
+                       description="Train each model at the cpu preset (resuming an interrupted run in --runs), "
+                                   "evaluate on the val split and export fp16 model-only checkpoints with a JSON card "
+                                   "into --out (what data/checkpoints/ ships).")
+    c.add_argument("which", nargs="*", metavar="MODEL[@DATA]",
+                   help="e.g. condinst or condinst@nuclei (default: fcos, condinst, blendmask, solov2 on synthetic "
+                        "and condinst on nuclei)")
+    c.add_argument("--out", default="data/checkpoints", help="where the exported checkpoints and cards go")
+    c.add_argument("--runs", default="runs/checkpoints", help="where the training runs live (resumable)")
+    c.add_argument("--time-budget", type=float, default=None, help="seconds of training (default: the preset's)")
+    c.add_argument("--max-iters", type=int, default=None, help="override the preset's iterations")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_checkpoints)
 
     b = sub.add_parser("bench", formatter_class=fmt, help="inference speed vs torchvision (FCOS, Mask R-CNN)",
                        description="Median inference time per image, same input, same run, random weights: onestage "
