@@ -183,12 +183,14 @@ def test_paper_preset_is_the_published_configuration():
 
 def test_presets_change_capacity_only():
     paper, cpu, smoke = (BlendMaskConfig.preset(n) for n in ("paper", "cpu", "smoke"))
-    algo = ("num_bases", "attn_size", "bottom_resolution", "top_interp", "bottom_pooler", "blender",
+    algo = ("num_bases", "bottom_resolution", "top_interp", "bottom_pooler", "blender",
             "attn_normalize", "thresh_with_ctr", "use_scale", "basis_loss_on", "sizes_of_interest")
     for c in (cpu, smoke):
         assert isinstance(c, BlendMaskConfig)
         assert all(getattr(c, f) == getattr(paper, f) for f in algo)
     assert cpu.backbone == "efficientnet_lite0" and cpu.basis_channels < paper.basis_channels
+    # attention size: the paper's 14 except at cpu (7, a Table 2 capacity setting, keeps the checkpoint < 10 MiB)
+    assert paper.attn_size == smoke.attn_size == 14 and cpu.attn_size == 7
     with pytest.raises(ValueError, match="unknown preset"):
         BlendMaskConfig.preset("huge")
 
