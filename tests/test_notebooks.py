@@ -17,6 +17,9 @@ EXPECTED_OUTPUT = {
     "02_centerness.ipynb": ["| √(cls·ctr) (FCOS) |", "within-object Spearman",
                             "| reg | `{'centerness_on': 'reg'}` | 37.4"],
     "03_blendmask_blender.ipynb": ["| BlendMask blender", "Mask R-CNN mask head", "Claims to check"],
+    "04_condinst_dynamic_heads.ipynb": ["dynamic parameters per instance: 169 = 80 + 8 + 64 + 8 + 8 + 1",
+                                        "| head (100 instances) | params | ours: ms",
+                                        "Mask R-CNN MaskRCNNHeads + predictor (28x28)"],
     "05_solo_grids.ipynb": ["channels k = i·S + j"],
 }
 
