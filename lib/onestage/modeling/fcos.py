@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
+import onestage.ops
 from onestage.modeling.backbone import EFFICIENTNET_LITE0_WHEEL, build_backbone, level_stride
-from onestage.modeling.losses import iou_loss_ltrb, sigmoid_focal_loss
+from onestage.modeling.losses import iou_loss_ltrb
 from onestage.structures import pad_images
 
 __all__ = [
@@ -433,7 +434,8 @@ def fcos_losses(head_out: FCOSHeadOutputs, assigned: FCOSTargets, num_classes: i
     num_pos = torch.tensor(float(pos_inds.numel()), device=logits.device)
     num_pos_avg = max(_reduce_mean(num_pos).item(), 1.0)
 
-    loss_cls = sigmoid_focal_loss(logits, labels, alpha=focal_alpha, gamma=focal_gamma, reduction="sum")
+    # fused Triton kernel on GPU, the reference (losses.sigmoid_focal_loss, sum reduction) on CPU
+    loss_cls = onestage.ops.sigmoid_focal_loss(logits, labels, focal_alpha, focal_gamma)
     loss_cls = loss_weight_cls * loss_cls / num_pos_avg
 
     losses = {"loss_cls": loss_cls}

@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import onestage.ops
 from onestage.modeling.backbone import EFFICIENTNET_LITE0_WHEEL, build_backbone
-from onestage.modeling.losses import dice_loss, sigmoid_focal_loss
+from onestage.modeling.losses import dice_loss
 from onestage.structures import mask_nms, masks_to_boxes, pad_images
 
 __all__ = [
@@ -710,7 +711,7 @@ class SOLO(nn.Module):
         cate = torch.cat([t.permute(0, 2, 3, 1).reshape(-1, self.num_classes) for t in head_out.cate_logits])
         labels = torch.cat([lab.reshape(-1) for lab in assigned.labels])
         num_pos = float((labels != self.num_classes).sum())
-        loss_cate = sigmoid_focal_loss(cate, labels, c.focal_alpha, c.focal_gamma, "sum") / (num_pos + 1)
+        loss_cate = onestage.ops.sigmoid_focal_loss(cate, labels, c.focal_alpha, c.focal_gamma) / (num_pos + 1)
         losses = {"loss_cate": c.loss_weight_cls * loss_cate, "loss_mask": loss_mask}
         if return_extras:
             return losses, {"targets": assigned, "num_pos": num_pos}

@@ -5,7 +5,8 @@ Note: the package attribute ``dynamic_mask_head`` is the *function*; reach the m
 """
 from onestage.ops.dynamic_mask_head import (dynamic_mask_head, dynamic_mask_head_reference, mask_head_input_channels,
                                              num_dynamic_params, parse_dynamic_params)
+from onestage.ops.blender import blend, blend_reference
 from onestage.ops.focal_loss import sigmoid_focal_loss
 
-__all__ = ["dynamic_mask_head", "dynamic_mask_head_reference", "mask_head_input_channels", "num_dynamic_params",
+__all__ = ["blend", "blend_reference", "dynamic_mask_head", "dynamic_mask_head_reference", "mask_head_input_channels", "num_dynamic_params",
            "parse_dynamic_params", "sigmoid_focal_loss"]

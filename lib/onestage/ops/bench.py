@@ -7,6 +7,8 @@ Shapes are COCO scale (REFERENCE.md §3.1, §3.3):
   case — and the same map with the forward + backward (training). fp32 and fp16.
 * ``sigmoid_focal_loss``: 22,300 locations (P3–P7 of one 800×1333 image: 100·167 + 50·84 + 25·42 + 13·21 + 7·11)
   × 80 classes, ~1% positives, forward and forward + backward, fp32 and fp16.
+* ``blend`` (BlendMask's blender, bilinear + softmax): 100 RoIs, K = 4 bases, R = 56 crops, M = 14 attentions
+  (BlendMask defaults, REFERENCE.md §3.2), forward (inference) and forward + backward (training), fp32 and fp16.
 
 Each row holds the median time of the kernel and of the reference (``triton.testing.do_bench``, which flushes the L2
 cache before every run), the ratio reference / kernel, the bytes the kernel must move at the least (the byte model of
@@ -151,6 +153,40 @@ def _focal_rows(device, dtype, copy_gbps, num_classes=80, level_sizes=COCO_LEVEL
     return rows
 
 
+def _blender_rows(device, dtype, copy_gbps, num_rois=100, num_bases=4, resolution=56, attn_size=14,
+                  seed=0) -> List[Dict[str, object]]:
+    bl = importlib.import_module("onestage.ops.blender")
+    g = torch.Generator(device=device).manual_seed(seed)
+    bases = torch.randn(num_rois, num_bases, resolution, resolution, device=device, generator=g).to(dtype)
+    attns = (3 * torch.randn(num_rois, num_bases, attn_size, attn_size, device=device, generator=g)).to(dtype)
+    case = f"N={num_rois}, K={num_bases}, R={resolution}, M={attn_size}"
+
+    def run(force_reference):
+        return bl.blend(bases, attns, force_reference=force_reference)
+
+    # byte model of the blender's module docstring: inputs read once, logits written once
+    e = bases.element_size()
+    crops, attn, logits = bases.numel(), attns.numel(), num_rois * resolution ** 2
+    fwd_bytes = e * (attn + crops + logits)
+    rows = [_row("blend", case + ", forward", dtype, lambda: run(False), lambda: run(True), fwd_bytes,
+                 _relative_difference(run(False), run(True)), copy_gbps)]
+
+    bases_g, attns_g = bases.clone().requires_grad_(True), attns.clone().requires_grad_(True)
+    grad_out = torch.randn(num_rois, resolution, resolution, device=device, generator=g).to(dtype)
+
+    def train_step(force_reference):
+        out = bl.blend(bases_g, attns_g, force_reference=force_reference)
+        return torch.autograd.grad(out, (bases_g, attns_g), grad_out)
+
+    # backward: inputs + upstream gradient read, ∂L/∂r written, fp32 ∂L/∂a' written and read back, ∂L/∂a written
+    bwd_bytes = e * (attn + crops + logits) + e * crops + 2 * 4 * crops + e * attn
+    grads_k, grads_r = train_step(False), train_step(True)
+    difference = max(_relative_difference(a, b) for a, b in zip(grads_k, grads_r))
+    rows.append(_row("blend", case + ", forward+backward", dtype, lambda: train_step(False),
+                     lambda: train_step(True), fwd_bytes + bwd_bytes, difference, copy_gbps))
+    return rows
+
+
 def run_kernel_bench(device: str = "cuda", dtypes=(torch.float32, torch.float16)) -> List[Dict[str, object]]:
     """One row per (op, case, dtype): kernel vs reference median times, ratio, effective bandwidth (module doc)."""
     device = torch.device(device)
@@ -165,6 +201,7 @@ def run_kernel_bench(device: str = "cuda", dtypes=(torch.float32, torch.float16)
     for dtype in dtypes:
         rows += _dynamic_mask_head_rows(device, dtype, copy_gbps)
         rows += _focal_rows(device, dtype, copy_gbps)
+        rows += _blender_rows(device, dtype, copy_gbps)
     for row in rows:
         row["device"] = torch.cuda.get_device_name(device)
         row["torch"] = torch.__version__
