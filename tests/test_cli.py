@@ -11,7 +11,7 @@ from onestage.cli import build_parser, main
 from onestage.engine.checkpoint import make_checkpoint, save_checkpoint
 from onestage.engine.toy import ToyConfig, ToyDetector
 
-COMMANDS = ["data", "train", "eval", "predict", "demo", "bench"]
+COMMANDS = ["data", "train", "eval", "predict", "demo", "quickstart", "checkpoints", "bench"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -13,6 +13,8 @@ ALL = sorted(NOTEBOOKS.glob("*.ipynb"))
 WALKTHROUGHS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 # text each walkthrough's executed outputs must contain (beyond "no error")
 EXPECTED_OUTPUT = {
+    "00_quickstart.ipynb": ["COCO AP on", "AP50", "run folder"],
+    "06_explore_predictions.ipynb": ["(stride ", "generated filter numbers", "grid cell (i, j)", "over 4 bases"],
     "01_fcos_fpn_assignment.ipynb": ["| FCOS w/ FPN |", "positive locations"],
     "02_centerness.ipynb": ["| √(cls·ctr) (FCOS) |", "within-object Spearman",
                             "| reg | `{'centerness_on': 'reg'}` | 37.4"],

@@ -1,4 +1,4 @@
-"""Command line: ``python -m onestage {data,train,eval,predict,demo,bench} --help``.
+"""Command line: ``python -m onestage {data,train,eval,predict,demo,quickstart,bench} --help``.
 
 Every sub-command is a thin layer over the library (``onestage.data``, ``onestage.engine``, ``onestage.viz``,
 ``onestage.bench``); anything the CLI does can be done from Python the same way. Errors the user can fix (missing
@@ -304,6 +304,32 @@ def cmd_checkpoints(args) -> int:
     return 0
 
 
+def cmd_quickstart(args) -> int:
+    import onestage
+    from onestage.quickstart import run_quickstart
+
+    if args.model not in onestage.available_models():
+        raise UserError(f"unknown model {args.model!r}; available: {', '.join(onestage.available_models())}")
+    extra = {name.replace("-", "_"): _parse_value(value) for name, value in (args.parameter or [])}
+    out = _run_dir(args, "demo")
+    print(f"running notebooks/00_quickstart.ipynb ({args.model}"
+          f"{', shipped checkpoint' if args.use_checkpoint else ''}{', quick' if args.quick else ''}) -> {out}",
+          file=sys.stderr)
+    try:
+        result = run_quickstart(args.model, out, use_checkpoint=args.use_checkpoint, quick=args.quick,
+                                parameters=extra, log_output=not args.no_progress)
+    except Exception as e:
+        if type(e).__name__ != "PapermillExecutionError":
+            raise
+        print(f"error: the notebook failed: {e.ename}: {e.evalue}\nexecuted notebook (up to the error): "
+              f"{out / '00_quickstart.ipynb'} and .html", file=sys.stderr)
+        return 1
+    print(result["table"])
+    print(f"executed notebook: {result['notebook']}\nHTML:              {result['html']}\n"
+          f"metrics:           {result['out_dir'] / 'metrics.json'}")
+    return 0
+
+
 BENCH_TARGETS = ("fcos", "condinst", "blendmask", "solov2", "mask-heads", "kernels")
 
 
@@ -329,7 +355,11 @@ def cmd_bench(args) -> int:
         elif target == "kernels":
             from onestage.ops import bench as kernel_bench
 
-            r = kernel_bench.run_kernel_bench(device=args.device or "cuda")
+            try:
+                r = kernel_bench.run_kernel_bench(device=args.device or "cuda")
+            except kernel_bench.NoGPUError as err:
+                print(f"[kernels: {err}]")
+                continue
             text = kernel_bench.format_kernel_bench(r)
         else:
             import onestage
@@ -445,6 +475,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-iters", type=int, default=None, help="override the preset's iterations")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_checkpoints)
+
+    q = sub.add_parser("quickstart", formatter_class=fmt, help="run the quickstart notebook headlessly (make demo)",
+                       description="Execute notebooks/00_quickstart.ipynb with papermill (synthetic data -> train or "
+                                   "load a model -> COCO AP -> pictures) and write the executed notebook and an HTML "
+                                   "export to --out; prints the COCO AP table.")
+    q.add_argument("--model", default="fcos", help="fcos, condinst, blendmask, solov2 (onestage.available_models())")
+    q.add_argument("--use-checkpoint", action="store_true",
+                   help="load data/checkpoints/MODEL_cpu_synthetic.pt instead of training (trains if it is missing)")
+    q.add_argument("--quick", action="store_true", help="tiny data, smoke preset, a few iterations (tests)")
+    q.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="another notebook parameter, e.g. -p train_iters 200 (repeatable)")
+    q.add_argument("--out", default=None, help="run folder (default: runs/demo-TIMESTAMP)")
+    q.add_argument("--no-progress", action="store_true", help="do not stream the cells' output")
+    q.set_defaults(func=cmd_quickstart)
 
     b = sub.add_parser("bench", formatter_class=fmt, help="inference speed vs torchvision (FCOS, Mask R-CNN)",
                        description="Median inference time per image, same input, same run, random weights: onestage "

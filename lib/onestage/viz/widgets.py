@@ -31,6 +31,7 @@ def figure_explorer(controls: dict, rows: Sequence[Sequence[str]], render: Calla
     import ipywidgets as widgets
 
     picture = widgets.Image(format="png")
+    picture.layout.align_self = "flex-start"  # a VBox would stretch (and blur) the picture to full width
     caption = widgets.HTML()
     state.redraws, state.figure, state.error = 0, None, None
 
