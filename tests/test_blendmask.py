@@ -12,7 +12,6 @@ from onestage.modeling.blendmask import (BlendMask, BlendMaskConfig, blendmask_m
                                          pool_bases, thing_semantic_targets)
 from onestage.ops.blender import blend, blend_reference, fcis_attention
 
-torch.set_num_threads(1)
 
 
 # ------------------------------------------------------------------------------------------------------ blender

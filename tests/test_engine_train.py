@@ -50,6 +50,7 @@ RESUME_SCRIPT = textwrap.dedent("""
             time.sleep(0.15)
             return super().__getitem__(i)
 
+    torch.set_num_threads(int(sys.argv[2]))  # the parent's: reductions must split the same way to be bit-exact
     torch.manual_seed(0)
     cfg = get_train_config("smoke", max_iters=12, checkpoint_every=3, num_workers=0)
     train(ToyDetector(ToyConfig()), Slow(n=10), cfg, sys.argv[1], progress=False)
@@ -63,7 +64,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(RESUME_SCRIPT)
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(script), str(out)])
+    proc = subprocess.Popen([sys.executable, str(script), str(out), str(torch.get_num_threads())])
     try:
         deadline = time.time() + 60
         while not (out / "last.pt").exists():

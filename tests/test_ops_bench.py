@@ -23,7 +23,6 @@ def test_cpu_device_is_refused():
 
 def test_rows_and_table_at_small_shapes(monkeypatch):
     # the row builders on CPU tensors (both sides run the reference there), with the timer replaced by one call
-    torch.set_num_threads(1)
     monkeypatch.setattr(bench, "_median_ms", lambda fn: (fn(), 2.0)[1])
     rows = bench._dynamic_mask_head_rows(torch.device("cpu"), torch.float32, 100.0, num_instances=3, height=5,
                                          width=7)

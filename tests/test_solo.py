@@ -27,7 +27,6 @@ from onestage.modeling.solo import (
 from onestage.modeling.solov2 import SOLOv2, SOLOv2Config, dynamic_masks
 from onestage.structures import masks_to_boxes
 
-torch.set_num_threads(1)
 GRIDS = [40, 36, 24, 16, 12]
 RANGES = [(1, 96), (48, 192), (96, 384), (192, 768), (384, 2048)]
 

@@ -13,7 +13,6 @@ from onestage.ops.blender import blend_reference
 from onestage.viz.blendmask import (blender_cost, blender_explorer, blender_trace, cost_markdown, mask_rcnn_head_cost,
                                     plot_blender_settings, plot_blender_steps)
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from onestage.viz.condinst import (PAPER_MASK_RCNN_MS, condinst_explorer, condin
                                    probe_markdown, probe_rows, table1_timing_settings)
 from onestage.viz.condinst import _two_heads
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

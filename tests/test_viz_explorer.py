@@ -17,7 +17,6 @@ from onestage.viz.explorer import (Explanation, _tile, describe, describe_text, 
                                    image_from_bytes, load_models, model_family, plot_comparison, plot_provenance,
                                    prediction_explorer, provenance_panels, shown_detections)
 
-torch.set_num_threads(1)
 NAMES = ["circle", "square", "star"]
 
 

@@ -27,7 +27,6 @@ from onestage.viz.solo import (
     solo_grid_explorer,
 )
 
-torch.set_num_threads(1)
 
 
 def _scene():
