@@ -32,6 +32,13 @@ def pad_images(images: Sequence[Tensor], size_divisibility: int = 32, pad_value:
     return batch, sizes
 
 
+def normalize_and_pad(images: Sequence[Tensor], mean: Tensor, std: Tensor, size_divisibility: int = 32):
+    """``(img − mean) / std`` for each 0..1 image (moved to ``mean``'s device, float32), then :func:`pad_images` —
+    zero padding is the mean colour after normalising, as detectron2 does. Returns the batch and the sizes."""
+    normed = [(img.to(mean.device, torch.float32) - mean) / std for img in images]
+    return pad_images(normed, size_divisibility)
+
+
 def xywh_to_xyxy(boxes: Tensor) -> Tensor:
     """COCO ``[x, y, w, h]`` → ``[x0, y0, x1, y1]``."""
     x, y, w, h = boxes.unbind(-1)

@@ -29,7 +29,7 @@ from torchvision.ops import batched_nms
 import onestage.ops
 from onestage.modeling.backbone import EFFICIENTNET_LITE0_WHEEL, build_backbone, level_stride
 from onestage.modeling.losses import iou_loss_ltrb
-from onestage.structures import pad_images
+from onestage.structures import normalize_and_pad
 
 __all__ = [
     "FCOSConfig",
@@ -559,8 +559,7 @@ class FCOS(nn.Module):
 
     def preprocess(self, images: Sequence[Tensor]):
         """Normalise each image, then zero-pad the batch (zero = the mean colour after normalising, as d2 does)."""
-        normed = [(img.to(self.pixel_mean.device, torch.float32) - self.pixel_mean) / self.pixel_std for img in images]
-        return pad_images(normed, self.cfg.size_divisibility)
+        return normalize_and_pad(images, self.pixel_mean, self.pixel_std, self.cfg.size_divisibility)
 
     def features(self, batch: Tensor) -> List[Tensor]:
         return list(self.backbone(batch).values())

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 import onestage.ops
 from onestage.modeling.backbone import EFFICIENTNET_LITE0_WHEEL, build_backbone
 from onestage.modeling.losses import dice_loss
-from onestage.structures import mask_nms, masks_to_boxes, pad_images
+from onestage.structures import mask_nms, masks_to_boxes, normalize_and_pad
 
 __all__ = [
     "SOLOConfig",
@@ -637,6 +637,17 @@ def cell_levels(grid_numbers: Sequence[int], device=None) -> tuple:
 # 7. The model
 # ---------------------------------------------------------------------------------------------------------------
 
+
+def category_loss(cate_logits: Sequence[Tensor], labels: Sequence[Tensor], num_classes: int, alpha: float,
+                  gamma: float):
+    """Focal loss of the category branch over every level's S×S cells, divided by (#positive cells + 1) as the
+    reference does (SOLO and SOLOv2 share it). Returns ``(loss, num_pos)``."""
+    cate = torch.cat([t.permute(0, 2, 3, 1).reshape(-1, num_classes) for t in cate_logits])
+    flat_labels = torch.cat([lab.reshape(-1) for lab in labels])
+    num_pos = float((flat_labels != num_classes).sum())
+    return onestage.ops.sigmoid_focal_loss(cate, flat_labels, alpha, gamma) / (num_pos + 1), num_pos
+
+
 class SOLO(nn.Module):
     """SOLO (vanilla or decoupled head, by ``cfg.head``). ``model(images, targets)`` in train mode →
     ``{"loss_cate", "loss_mask"}``; ``model(images)`` in eval mode → ``[{"boxes", "scores", "labels", "masks"}]``
@@ -664,8 +675,7 @@ class SOLO(nn.Module):
     # -- input and features ---------------------------------------------------------------------------------
     def preprocess(self, images: Sequence[Tensor]):
         """Normalise, zero-pad to a multiple of 32 (the grid tiles this padded canvas, as in the reference)."""
-        normed = [(img.to(self.pixel_mean.device, torch.float32) - self.pixel_mean) / self.pixel_std for img in images]
-        return pad_images(normed, self.cfg.size_divisibility)
+        return normalize_and_pad(images, self.pixel_mean, self.pixel_std, self.cfg.size_divisibility)
 
     def features(self, batch: Tensor) -> List[Tensor]:
         return level_features(list(self.backbone(batch).values()), self.cfg.multi_level)
@@ -708,10 +718,8 @@ class SOLO(nn.Module):
         # parameters used); sums of the outputs are cheap next to the Dice terms
         zero = sum(t.sum() for t in mask_outputs) * 0.0
         loss_mask = (torch.cat(dice).mean() * c.dice_weight + zero) if dice else zero
-        cate = torch.cat([t.permute(0, 2, 3, 1).reshape(-1, self.num_classes) for t in head_out.cate_logits])
-        labels = torch.cat([lab.reshape(-1) for lab in assigned.labels])
-        num_pos = float((labels != self.num_classes).sum())
-        loss_cate = onestage.ops.sigmoid_focal_loss(cate, labels, c.focal_alpha, c.focal_gamma) / (num_pos + 1)
+        loss_cate, num_pos = category_loss(head_out.cate_logits, assigned.labels, self.num_classes, c.focal_alpha,
+                                           c.focal_gamma)
         losses = {"loss_cate": c.loss_weight_cls * loss_cate, "loss_mask": loss_mask}
         if return_extras:
             return losses, {"targets": assigned, "num_pos": num_pos}

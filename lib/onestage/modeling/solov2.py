@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import onestage.ops
 from onestage.modeling.backbone import EFFICIENTNET_LITE0_WHEEL, build_backbone
 from onestage.modeling.losses import dice_loss
 from onestage.modeling.solo import (
@@ -39,6 +38,7 @@ from onestage.modeling.solo import (
     PAPER_STRIDES,
     GridTargets,
     _finish,
+    category_loss,
     _gather_masks,
     _prior_conv,
     cell_levels,
@@ -51,7 +51,7 @@ from onestage.modeling.solo import (
     points_nms,
     solo_inference,
 )
-from onestage.structures import pad_images
+from onestage.structures import normalize_and_pad
 
 __all__ = [
     "SOLOv2Config",
@@ -267,8 +267,7 @@ class SOLOv2(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std, dtype=torch.float32).view(3, 1, 1), False)
 
     def preprocess(self, images: Sequence[Tensor]):
-        normed = [(img.to(self.pixel_mean.device, torch.float32) - self.pixel_mean) / self.pixel_std for img in images]
-        return pad_images(normed, self.cfg.size_divisibility)
+        return normalize_and_pad(images, self.pixel_mean, self.pixel_std, self.cfg.size_divisibility)
 
     def heads(self, batch: Tensor) -> SOLOv2HeadOutputs:
         """Backbone → instance branch on P2..P6 (resized to strides 8/8/16/32/32) and mask branch on P2..P5."""
@@ -311,10 +310,8 @@ class SOLOv2(nn.Module):
         # keep the kernel and mask branches in the graph when nothing is positive (DDP needs every parameter)
         zero = (sum(k.sum() for k in head_out.kernels) + feats.sum()) * 0.0
         loss_mask = (torch.cat(dice).mean() * c.dice_weight + zero) if dice else zero
-        cate = torch.cat([t.permute(0, 2, 3, 1).reshape(-1, self.num_classes) for t in head_out.cate_logits])
-        labels = torch.cat([lab.reshape(-1) for lab in assigned.labels])
-        num_pos = float((labels != self.num_classes).sum())
-        loss_cate = onestage.ops.sigmoid_focal_loss(cate, labels, c.focal_alpha, c.focal_gamma) / (num_pos + 1)
+        loss_cate, num_pos = category_loss(head_out.cate_logits, assigned.labels, self.num_classes, c.focal_alpha,
+                                           c.focal_gamma)
         losses = {"loss_cate": c.loss_weight_cls * loss_cate, "loss_mask": loss_mask}
         if return_extras:
             return losses, {"targets": assigned, "num_pos": num_pos}
