@@ -41,22 +41,14 @@ device, which would cost a host sync; the reference raises an ``IndexError``).
 """
 from __future__ import annotations
 
-import os
 from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:  # Triton ships with PyTorch's CUDA wheels; a CPU-only install simply keeps the reference path.
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-    # triton.jit picks the interpreter at decoration time, i.e. when this module is imported.
-    TRITON_INTERPRET = bool(triton.knobs.runtime.interpret)
-except ImportError:  # pragma: no cover - depends on the installation
-    HAS_TRITON = False
-    TRITON_INTERPRET = False
+from onestage.ops._triton import (HAS_TRITON, TRITON_INTERPRET, force_reference_from_env, tl, triton,
+                                   triton_supported)
 
 COORD_MODES = ("rel", "abs", "none", "coords_only")
 
@@ -158,16 +150,6 @@ BWD_BLOCK = 128
 FWD_NUM_WARPS = 4
 BWD_NUM_WARPS = 8
 _MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (instances in the forward)
-
-
-def force_reference_from_env() -> bool:
-    """``ONESTAGE_FORCE_REFERENCE=1`` sends every op of ``onestage.ops`` to its plain PyTorch reference."""
-    return os.environ.get("ONESTAGE_FORCE_REFERENCE", "0") not in ("", "0", "false", "False")
-
-
-def triton_supported(tensor: Tensor) -> bool:
-    """Whether the Triton kernels can run on ``tensor``'s device: CUDA, or CPU under ``TRITON_INTERPRET=1``."""
-    return HAS_TRITON and (tensor.is_cuda or (TRITON_INTERPRET and tensor.device.type == "cpu"))
 
 
 def kernel_supports(mask_channels: int, channels: int, num_layers: int, coords: str) -> bool:

@@ -33,22 +33,14 @@ Triton's interpreter (how the tests check them on machines without a GPU).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 from torch import Tensor
 
 from onestage.modeling.losses import sigmoid_focal_loss as sigmoid_focal_loss_reference
 
-try:  # Triton ships with PyTorch's CUDA wheels; a CPU-only install simply keeps the reference path.
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-    # The interpreter is chosen by triton.jit at decoration time, i.e. when this module is imported.
-    TRITON_INTERPRET = bool(triton.knobs.runtime.interpret)
-except ImportError:  # pragma: no cover - depends on the installation
-    HAS_TRITON = False
-    TRITON_INTERPRET = False
+from onestage.ops._triton import (HAS_TRITON, TRITON_INTERPRET, force_reference_from_env, tl, triton,
+                                   triton_supported)
 
 __all__ = ["sigmoid_focal_loss", "sigmoid_focal_loss_reference", "triton_supported", "HAS_TRITON",
            "TRITON_INTERPRET"]
@@ -56,16 +48,6 @@ __all__ = ["sigmoid_focal_loss", "sigmoid_focal_loss_reference", "triton_support
 BLOCK_ROWS = 64
 BLOCK_COLS = 32
 NUM_WARPS = 4
-
-
-def force_reference_from_env() -> bool:
-    """``ONESTAGE_FORCE_REFERENCE=1`` sends every op of ``onestage.ops`` to its plain PyTorch reference."""
-    return os.environ.get("ONESTAGE_FORCE_REFERENCE", "0") not in ("", "0", "false", "False")
-
-
-def triton_supported(tensor: Tensor) -> bool:
-    """Whether the Triton kernels can run on ``tensor``'s device: CUDA, or CPU under ``TRITON_INTERPRET=1``."""
-    return HAS_TRITON and (tensor.is_cuda or (TRITON_INTERPRET and tensor.device.type == "cpu"))
 
 
 if HAS_TRITON:
