@@ -33,12 +33,10 @@ Triton's interpreter (how the tests check them on machines without a GPU).
 """
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
 from onestage.modeling.losses import sigmoid_focal_loss as sigmoid_focal_loss_reference
-
 from onestage.ops._triton import (HAS_TRITON, TRITON_INTERPRET, force_reference_from_env, tl, triton,
                                    triton_supported)
 
