@@ -293,6 +293,47 @@ def test_report_cli_reads_results_dir(tmp_path, capsys):
     assert (d / "report.png").stat().st_size > 0
 
 
+def test_cost_metrics_are_read_from_the_record_cost_section(tmp_path):
+    table = validate_table(_minimal_table(
+        id="cost", metric="segm.AP", metrics=["segm.AP", "cost.head_output_mib"],
+        rows=[{"name": "vanilla", "overrides": {}, "published": None},
+              {"name": "decoupled", "overrides": {"x": 1}, "published": None}],
+        expect=[{"claim": "decoupled needs less head memory", "row_a": "decoupled", "row_b": "vanilla",
+                 "sign": "<", "metric": "cost.head_output_mib"}]))
+    d = tmp_path / "cost"
+    for seed in (0, 1):
+        write_json_atomic(d / f"vanilla__seed{seed}.json", {"status": "finished", "metrics": {"segm": {"AP": 5.0}},
+                                                            "cost": {"head_output_mib": 40.0 + seed}})
+        write_json_atomic(d / f"decoupled__seed{seed}.json", {"status": "finished", "metrics": {"segm": {"AP": 5.5}},
+                                                              "cost": {"head_output_mib": 2.0}})
+    rows = aggregate.collect(table, d)
+    assert rows[0]["metrics"]["cost.head_output_mib"]["mean"] == pytest.approx(40.5)
+    (claim,) = aggregate.check_claims(table, rows)
+    assert claim["status"] == "matches" and claim["ours_delta"] == pytest.approx(-38.5)
+    # a record without the section (older runs) just has no value
+    assert aggregate.get_metric({"metrics": {"segm": {"AP": 1.0}}}, "cost.inference_ms") is None
+
+
+def test_head_output_memory_is_measured_and_matches_the_solo_shapes():
+    """The hook-measured head output of a smoke SOLO at 128×128 equals the analytic mask-branch shapes (S² maps per
+    level vanilla, S + S decoupled) plus the S×S×C category maps."""
+    import torch
+
+    import onestage
+    from onestage.experiments.experiment import head_output_mib
+    from onestage.modeling.solo import PAPER_GRIDS, PAPER_STRIDES, mask_branch_memory
+
+    image = torch.rand(3, 128, 128)
+    analytic = mask_branch_memory(PAPER_GRIDS, PAPER_STRIDES, image_hw=(128, 128))
+    cate_bytes = 4 * 3 * sum(s * s for s in PAPER_GRIDS)
+    for head in ("vanilla", "decoupled"):
+        torch.manual_seed(0)
+        net = onestage.build_model("solo", preset="smoke", num_classes=3, head=head)
+        assert head_output_mib(net, image) == pytest.approx((analytic[head] + cate_bytes) / 2**20)
+        assert net.training  # the measurement leaves the mode as it found it
+    assert head_output_mib(torch.nn.Linear(2, 2), image) is None  # no head sub-module: not measurable
+
+
 # ------------------------------------------------------------------------------------------------------ notebook
 def test_experiment_notebook_parameters_are_literals_and_match_the_runner():
     nb = nbformat.read(EXPERIMENT_NB, as_version=4)
@@ -337,6 +378,8 @@ def test_experiment_notebook_runs_quick(tmp_path):
     assert r["config"]["model_cfg"]["centerness_on"] == "cls"
     assert set(r["metrics"]["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert r["iterations"] > 0 and r["inference_ms_per_image"] > 0
+    assert r["cost"]["inference_ms"] == r["inference_ms_per_image"] and r["cost"]["params_M"] > 0
+    assert r["cost"]["head_output_mib"] > 0
     assert {"python", "torch", "torchvision", "onestage"} <= set(r["versions"])
 
 

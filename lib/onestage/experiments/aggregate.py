@@ -23,9 +23,14 @@ __all__ = ["collect", "check_claims", "markdown", "figure", "report", "get_metri
 
 
 def get_metric(record: dict, path: str) -> Optional[float]:
-    """``record["metrics"]["segm"]["AP"]`` for ``path="segm.AP"``; None when absent or not a finite number."""
+    """``record["metrics"]["segm"]["AP"]`` for ``path="segm.AP"``; ``record["cost"]["inference_ms"]`` for
+    ``path="cost.inference_ms"`` (a section the record keeps beside its metrics); None when absent or not a finite
+    number."""
     section, name = path.split(".", 1)
-    value = ((record.get("metrics") or {}).get(section) or {}).get(name)
+    holder = (record.get("metrics") or {}).get(section)
+    if holder is None and section == "cost":
+        holder = record.get("cost")
+    value = (holder or {}).get(name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)

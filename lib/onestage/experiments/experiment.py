@@ -65,6 +65,60 @@ def time_inference(model, dataset, num_images: int = 20, warmup: int = 2) -> flo
     return 1000.0 * sum(times) / len(times)
 
 
+def _tensor_bytes(obj) -> int:
+    """Bytes of every tensor inside ``obj`` (tensors, lists/tuples/dicts and dataclass-like objects of them)."""
+    import dataclasses
+
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(x) for x in obj)
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(x) for x in obj.values())
+    if dataclasses.is_dataclass(obj):
+        return sum(_tensor_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return 0
+
+
+def head_output_mib(model, image) -> Optional[float]:
+    """MiB of the tensors the model's ``head`` sub-module returns for one eval-mode image (FCOS family: the
+    class/box/center-ness maps; SOLO: category and mask maps), or None when the model has no ``head`` module.
+
+    The memory argument of Decoupled SOLO (paper §4) is about these outputs: S² mask maps per level (vanilla) vs
+    S + S (decoupled). Measured, not computed: a forward hook sums the bytes of the head's actual outputs.
+    """
+    import torch
+
+    head = getattr(model, "head", None)
+    if not isinstance(head, torch.nn.Module):
+        return None
+    device = next(model.parameters()).device
+    seen = []
+    handle = head.register_forward_hook(lambda _m, _inp, out: seen.append(_tensor_bytes(out)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model([image.to(device)])
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return sum(seen) / 2**20 if seen else None
+
+
+def cost_summary(model, dataset, inference_ms_per_image: float) -> dict:
+    """What a run costs, recorded as ``record["cost"]`` and readable by reports as ``cost.<name>``:
+    ``inference_ms`` (batch 1, mean), ``params_M``, and ``head_output_mib`` (see :func:`head_output_mib`; None
+    where not measurable)."""
+    return {
+        "inference_ms": float(inference_ms_per_image),
+        "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+        "head_output_mib": head_output_mib(model, dataset[0][0]),
+    }
+
+
 def versions() -> dict:
     import torch
 
@@ -110,8 +164,10 @@ def pick_metrics(metrics: dict) -> dict:
 
 def make_record(*, model: str, preset: str, effective_preset: str, quick: bool, seed: int, data: str,
                 overrides: dict, model_cfg: dict, train_cfg: dict, metrics: dict, train_summary: dict,
-                train_time_s: float, inference_ms_per_image: float, num_val_images: int) -> dict:
-    """The one record a finished run leaves (``status: finished``); see ``data/paper_tables/README.md``."""
+                train_time_s: float, inference_ms_per_image: float, num_val_images: int,
+                cost: Optional[dict] = None) -> dict:
+    """The one record a finished run leaves (``status: finished``); see ``data/paper_tables/README.md``.
+    ``cost`` (from :func:`cost_summary`) is stored as ``record["cost"]``."""
     return {
         "format": RECORD_FORMAT,
         "status": "finished",
@@ -133,6 +189,7 @@ def make_record(*, model: str, preset: str, effective_preset: str, quick: bool, 
         "iterations": int(train_summary.get("iterations", 0)),
         "stopped": train_summary.get("stopped"),
         "inference_ms_per_image": float(inference_ms_per_image),
+        "cost": dict(cost or {"inference_ms": float(inference_ms_per_image)}),
         "versions": versions(),
         "git_commit": git_commit(),
         "git_dirty": git_dirty(),

@@ -16,6 +16,7 @@ File format (one table per file; see ``data/paper_tables/README.md`` for the ove
       "notebook": "notebooks/experiment.ipynb" # optional; null = no notebook computes this table yet
       "source": {"paper": ..., "table": ..., "where": ...},   # where every published number comes from
       "metric": "segm.AP",                     # primary metric: "<section>.<name>" in a record's "metrics"
+                                               # (or "cost.<name>": inference_ms, params_M, head_output_mib)
       "metrics": ["segm.AP", "segm.AP50"],     # optional: more metrics to report
       "baseline": {...},                       # model-config overrides shared by every row
       "train_overrides": {...},                # optional TrainConfig overrides shared by every row
