@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from onestage.ops.blender import bilinear_matrix, blend, blend_reference
+from triton_interpreter import compiled_resource_usage, relative_error, run_interpreted, spy_kernel_launches
 
 BL = importlib.import_module("onestage.ops.blender")
 
@@ -64,23 +62,11 @@ def _inputs(case, seed=0):
     return bases.to(dtype), attns.to(dtype)
 
 
-def _relative_error(a, b):
-    if b is None or b.numel() == 0:
-        return 0.0 if a is None or a.numel() == 0 or float(a.abs().max()) == 0.0 else float("inf")
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
 def _interpreter_checks() -> dict:
     """Run in the subprocess (TRITON_INTERPRET=1): kernel vs reference for every case, plus custom-op checks."""
     torch.set_num_threads(1)
     assert BL.TRITON_INTERPRET, "TRITON_INTERPRET=1 must be set before onestage.ops is imported"
-    launches = []
-    for name in ("_forward_triton", "_backward_triton"):  # count the kernel launches (the op calls these globals)
-        def spy(*args, _fn=getattr(BL, name), _name=name):
-            launches.append(_name)
-            return _fn(*args)
-        setattr(BL, name, spy)
+    launches = spy_kernel_launches(BL)  # the op calls these module globals
     records = {}
     for case in CASES:
         bases, attns = _inputs(case)
@@ -97,7 +83,7 @@ def _interpreter_checks() -> dict:
         records[case[0]] = dict(
             kernel_path=bool(kernel_path), dtype=str(out.dtype), shape=list(out.shape),
             grad_dtypes=[str(gb.dtype), str(ga.dtype)], grad_shapes=[list(gb.shape), list(ga.shape)],
-            forward=_relative_error(out, ref), grad_bases=_relative_error(gb, rb), grad_attns=_relative_error(ga, ra),
+            forward=relative_error(out, ref), grad_bases=relative_error(gb, rb), grad_attns=relative_error(ga, ra),
             grad_attns_max=float(ga.detach().abs().max()) if ga.numel() else 0.0)
 
     # hand-computed: K = 2, M = 1, R = 1; weights softmax([0, log 3]) = (1/4, 3/4); crops (2, −1) → −1/4
@@ -116,18 +102,14 @@ def _interpreter_checks() -> dict:
     g_compiled = torch.autograd.grad(out.square().sum(), (bases, attns))
     ref = blend_reference(bases, attns) * 2
     g_ref = torch.autograd.grad(ref.square().sum(), (bases, attns))
-    records["compile"] = dict(forward=_relative_error(out, ref),
-                              grads=max(_relative_error(a, b) for a, b in zip(g_compiled, g_ref)))
+    records["compile"] = dict(forward=relative_error(out, ref),
+                              grads=max(relative_error(a, b) for a, b in zip(g_compiled, g_ref)))
     return records
 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env.pop("ONESTAGE_FORCE_REFERENCE", None)
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -244,29 +226,6 @@ def test_cpu_fallback_of_the_custom_op_matches_reference():
 
 # --- the kernels compile offline for a real GPU (sm_90, Triton's bundled ptxas) without spilling registers ---
 
-def _compile_for_sm90(fn, types, constexprs, num_warps, tmp_path):
-    import re
-
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    if not all(os.path.exists(os.path.join(tools, t)) for t in ("ptxas", "cuobjdump")):
-        pytest.skip("Triton's bundled ptxas/cuobjdump are missing")
-    names = fn.arg_names
-    signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
-    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    cubin = tmp_path / f"{fn.__name__}.cubin"
-    cubin.write_bytes(kernel.asm["cubin"])
-    usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", str(cubin)],
-                           capture_output=True, text=True, check=True).stdout
-    match = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    assert match, usage
-    return int(match.group(1)), int(match.group(2))
-
-
 @pytest.mark.parametrize("num_bases", [4, 32])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_kernels_compile_for_sm90_without_spills(num_bases, dtype, tmp_path):
@@ -277,7 +236,8 @@ def test_kernels_compile_for_sm90_without_spills(num_bases, dtype, tmp_path):
                  grad_bases_ptr=f"*{dtype}", grad_up_ptr="*fp32", first_roi="i32", num_bases="i32", RH="i32",
                  RW="i32", MH="i32", MW="i32", scale_h="fp32", scale_w="fp32")
     for kernel in (BL._blend_fwd_kernel, BL._blend_bwd_kernel):
-        registers, stack = _compile_for_sm90(kernel, types, dict(K_P=k_pad, BLOCK=block), BL.NUM_WARPS, tmp_path)
+        registers, stack = compiled_resource_usage(kernel, types, dict(K_P=k_pad, BLOCK=block), BL.NUM_WARPS,
+                                                   tmp_path)
         assert stack == 0 and registers < 255, (kernel.__name__, registers, stack)
 
 
@@ -306,9 +266,9 @@ def test_kernel_matches_reference_on_gpu_realistic_shape(dtype):
     rb, ra = torch.autograd.grad(ref, (b32, a32), grad_out)
     bound = 1e-5 if dtype == torch.float32 else LOW_PRECISION_BOUND[str(dtype).split(".")[-1]]
     assert out.dtype == gb.dtype == ga.dtype == dtype
-    assert _relative_error(out, ref) <= bound
-    assert _relative_error(gb, rb) <= bound
-    assert _relative_error(ga, ra) <= bound
+    assert relative_error(out, ref) <= bound
+    assert relative_error(gb, rb) <= bound
+    assert relative_error(ga, ra) <= bound
 
 
 @pytest.mark.cuda

@@ -7,40 +7,16 @@ no configuration spills registers to local memory at the default head shape.
 from __future__ import annotations
 
 import importlib
-import os
-import re
-import subprocess
 
 import pytest
+from triton_interpreter import compiled_resource_usage
 
 triton = pytest.importorskip("triton")
 if triton.knobs.runtime.interpret:
     pytest.skip("TRITON_INTERPRET=1: the kernels are interpreted functions in this process", allow_module_level=True)
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-if not all(os.path.exists(os.path.join(NVIDIA_BIN, tool)) for tool in ("ptxas", "cuobjdump")):
-    pytest.skip("Triton's bundled ptxas/cuobjdump are missing", allow_module_level=True)
 
 DMH = importlib.import_module("onestage.ops.dynamic_mask_head")
 FL = importlib.import_module("onestage.ops.focal_loss")
-
-
-def _compile(fn, types, constexprs, num_warps, tmp_path):
-    """Compile to a cubin and return its (registers, stack bytes) as cuobjdump reports them."""
-    names = fn.arg_names
-    signature = {n: "constexpr" if n in constexprs else types[n] for n in names}
-    source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    cubin = tmp_path / f"{fn.__name__}.cubin"
-    cubin.write_bytes(kernel.asm["cubin"])
-    usage = subprocess.run([os.path.join(NVIDIA_BIN, "cuobjdump"), "--dump-resource-usage", str(cubin)],
-                           capture_output=True, text=True, check=True).stdout
-    match = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    assert match, usage
-    return int(match.group(1)), int(match.group(2))
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
@@ -50,7 +26,7 @@ def test_focal_kernels_compile(dtype, tmp_path):
                  alpha_pos="fp32", alpha_neg="fp32", gamma="fp32")
     blocks = dict(BLOCK_R=FL.BLOCK_ROWS, BLOCK_C=FL.BLOCK_COLS)
     for kernel in (FL._focal_fwd_kernel, FL._focal_bwd_kernel):
-        registers, stack = _compile(kernel, types, blocks, FL.NUM_WARPS, tmp_path)
+        registers, stack = compiled_resource_usage(kernel, types, blocks, FL.NUM_WARPS, tmp_path)
         assert stack == 0 and registers < 255
 
 
@@ -61,7 +37,9 @@ def test_dynamic_mask_head_kernels_compile_without_spills(head, tmp_path):
                  image_start_ptr="*i64", loc_ptr="*fp32", soi_ptr="*fp32", out_ptr="*fp32", grad_out_ptr="*fp32",
                  grad_feats_ptr="*fp32", partial_ptr="*fp32", first_instance="i32", num_instances="i32", H="i32",
                  W="i32", stride="i32", num_params="i32")
-    fwd = _compile(DMH._dmh_forward_kernel, types, dict(consts, BLOCK=DMH.FWD_BLOCK), DMH.FWD_NUM_WARPS, tmp_path)
-    bwd = _compile(DMH._dmh_backward_kernel, types, dict(consts, BLOCK=DMH.BWD_BLOCK), DMH.BWD_NUM_WARPS, tmp_path)
+    fwd = compiled_resource_usage(DMH._dmh_forward_kernel, types, dict(consts, BLOCK=DMH.FWD_BLOCK),
+                                  DMH.FWD_NUM_WARPS, tmp_path)
+    bwd = compiled_resource_usage(DMH._dmh_backward_kernel, types, dict(consts, BLOCK=DMH.BWD_BLOCK),
+                                  DMH.BWD_NUM_WARPS, tmp_path)
     for registers, stack in (fwd, bwd):
         assert stack == 0 and registers < 255, (fwd, bwd)  # no spills to local memory

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from onestage.ops import dynamic_mask_head, dynamic_mask_head_reference, num_dynamic_params
+from triton_interpreter import relative_error, run_interpreted, spy_kernel_launches
 
 DMH = importlib.import_module("onestage.ops.dynamic_mask_head")
 
@@ -60,23 +58,11 @@ def _inputs(case, seed=0):
             dict(mask_feat_stride=stride, channels=channels, num_layers=layers, coords=coords))
 
 
-def _relative_error(a, b):
-    if b is None or b.numel() == 0:
-        return 0.0 if a is None or a.numel() == 0 or float(a.abs().max()) == 0.0 else float("inf")
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
 def _interpreter_checks() -> dict:
     """Run in the subprocess (TRITON_INTERPRET=1): kernel vs reference for every case, plus custom-op checks."""
     torch.set_num_threads(1)
     assert DMH.TRITON_INTERPRET, "TRITON_INTERPRET=1 must be set before onestage.ops is imported"
-    launches = []
-    for name in ("_forward_triton", "_backward_triton"):  # count the kernel launches (the op calls these globals)
-        def spy(*args, _fn=getattr(DMH, name), _name=name):
-            launches.append(_name)
-            return _fn(*args)
-        setattr(DMH, name, spy)
+    launches = spy_kernel_launches(DMH)  # the op calls these module globals
     records = {}
     for case in CASES:
         feats, params, im_inds, locations, soi, head = _inputs(case)
@@ -96,7 +82,7 @@ def _interpreter_checks() -> dict:
         records[case[0]] = dict(
             dtype=str(out.dtype), shape=list(out.shape), kernel_path=bool(kernel_path),
             grad_dtypes=[str(gf.dtype), str(gp.dtype)],
-            forward=_relative_error(out, ref), grad_feats=_relative_error(gf, rf), grad_params=_relative_error(gp, rp))
+            forward=relative_error(out, ref), grad_feats=relative_error(gf, rf), grad_params=relative_error(gp, rp))
 
     # the custom op: schema, fake tensor, autograd registration, AOT dispatch (opcheck), and torch.compile
     feats, params, im_inds, locations, soi, head = _inputs(CASES[-3])
@@ -112,17 +98,13 @@ def _interpreter_checks() -> dict:
     (g_compiled,) = torch.autograd.grad(out.square().sum(), params)
     ref = dynamic_mask_head_reference(feats, params, im_inds, locations, soi, **head)
     (g_ref,) = torch.autograd.grad(ref.square().sum(), params)
-    records["compile"] = dict(forward=_relative_error(out, ref), grad_params=_relative_error(g_compiled, g_ref))
+    records["compile"] = dict(forward=relative_error(out, ref), grad_params=relative_error(g_compiled, g_ref))
     return records
 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env.pop("ONESTAGE_FORCE_REFERENCE", None)
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -281,9 +263,9 @@ def test_kernel_matches_reference_on_gpu_coco_scale(coords, num_layers, dtype):
         ref = dynamic_mask_head_reference(f32, p32, im_inds, locations, soi, **head)
         ref_grads = torch.autograd.grad(ref, (f32, p32), grad_out)
         bound = 1e-4 if dtype == torch.float32 else LOW_PRECISION_BOUND["float16"]
-        assert _relative_error(out, ref) <= bound
+        assert relative_error(out, ref) <= bound
         for a, b in zip(grads, ref_grads):
-            assert _relative_error(a, b) <= bound * 10  # sums over ~17k pixels per parameter
+            assert relative_error(a, b) <= bound * 10  # sums over ~17k pixels per parameter
 
 
 if __name__ == "__main__":  # the interpreter subprocess of the `interpreted` fixture

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from onestage.modeling.losses import sigmoid_focal_loss as reference
 from onestage.ops import sigmoid_focal_loss
+from triton_interpreter import relative_error, run_interpreted, spy_kernel_launches
 
 FL = importlib.import_module("onestage.ops.focal_loss")
 
@@ -53,23 +51,11 @@ def _inputs(case, seed=0):
     return logits.to(getattr(torch, dtype)), targets
 
 
-def _relative_error(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    if b.numel() == 0:
-        return 0.0
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
 def _interpreter_checks() -> dict:
     """Run in the subprocess (TRITON_INTERPRET=1): kernel vs reference per case, plus custom-op checks."""
     torch.set_num_threads(1)
     assert FL.TRITON_INTERPRET, "TRITON_INTERPRET=1 must be set before onestage.ops is imported"
-    launches = []
-    for name in ("_forward_triton", "_backward_triton"):  # count the kernel launches (the op calls these globals)
-        def spy(*args, _fn=getattr(FL, name), _name=name):
-            launches.append(_name)
-            return _fn(*args)
-        setattr(FL, name, spy)
+    launches = spy_kernel_launches(FL)  # the op calls these module globals
     records = {}
     for case in CASES:
         logits, targets = _inputs(case)
@@ -83,7 +69,7 @@ def _interpreter_checks() -> dict:
         (ref_grad,) = torch.autograd.grad(ref, x64, torch.tensor(1.5, dtype=torch.float64))
         records[case[0]] = dict(kernel_path=launches == ["_forward_triton", "_backward_triton"],
                                 dtype=str(loss.dtype), grad_dtype=str(grad.dtype), shape=list(loss.shape),
-                                loss=_relative_error(loss, ref), grad=_relative_error(grad, ref_grad),
+                                loss=relative_error(loss, ref), grad=relative_error(grad, ref_grad),
                                 finite=bool(torch.isfinite(grad).all()))
     logits, targets = _inputs(CASES[0])
     logits.requires_grad_(True)
@@ -95,17 +81,13 @@ def _interpreter_checks() -> dict:
     (g_compiled,) = torch.autograd.grad(out, logits)
     ref = reference(logits, targets, 0.25, 2.0) * 2
     (g_ref,) = torch.autograd.grad(ref, logits)
-    records["compile"] = dict(loss=_relative_error(out, ref), grad=_relative_error(g_compiled, g_ref))
+    records["compile"] = dict(loss=relative_error(out, ref), grad=relative_error(g_compiled, g_ref))
     return records
 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env.pop("ONESTAGE_FORCE_REFERENCE", None)
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -193,8 +175,8 @@ def test_kernel_matches_reference_on_gpu_coco_scale(dtype):
     ref = reference(x32, targets, reduction="sum")
     (ref_grad,) = torch.autograd.grad(ref, x32)
     bound = 1e-4 if dtype == torch.float32 else LOW_PRECISION_BOUND[str(dtype).split(".")[-1]]
-    assert _relative_error(loss, ref) <= bound
-    assert _relative_error(grad, ref_grad) <= bound
+    assert relative_error(loss, ref) <= bound
+    assert relative_error(grad, ref_grad) <= bound
 
 
 if __name__ == "__main__":  # the interpreter subprocess of the `interpreted` fixture

@@ -19,11 +19,10 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from triton_interpreter import run_interpreted
 
 LOSS_BOUND = 1e-5
 GRAD_BOUND = 1e-4
@@ -128,11 +127,7 @@ def _interpreter_checks() -> dict:
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env.pop("ONESTAGE_FORCE_REFERENCE", None)
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
