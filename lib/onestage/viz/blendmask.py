@@ -25,6 +25,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from onestage.modeling.blendmask import paste_masks, pool_bases
 from onestage.modeling.fcos import compute_locations
 from onestage.ops.blender import blend_reference, fcis_attention, interpolate_attention
+from onestage.viz._model import detections_for_display, model_device
 from onestage.viz.widgets import figure_explorer
 
 __all__ = [
@@ -81,32 +82,20 @@ class BlenderTrace:
         return self.attn.shape[-1]
 
 
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def _forward_parts(model, image: Tensor):
     """Bases, flat attentions and detections (with location indices) of one image, model in eval mode."""
     was_training = model.training
     model.eval()
     try:
-        batch, sizes = model.preprocess([image.to(_model_device(model))])
+        batch, sizes = model.preprocess([image.to(model_device(model))])
         feats = model.named_features(batch)
         feat_list = [feats[n] for n in model.cfg.in_features]
         head_out = model.head(feat_list)
         locations = compute_locations(feat_list, model.strides)
         bases, _ = model.basis_module(feats)
         attns = model.top_attentions(head_out.bbox_towers)
-        det = model.postprocess(head_out, locations, sizes, return_indices=True)[0]
-        note = ""
-        if len(det["boxes"]) == 0:  # an under-trained model: show its best candidates anyway
-            from onestage.modeling.fcos import postprocess
-
-            c = model.cfg
-            det = postprocess(head_out, locations, model.strides, sizes, 0.0, c.pre_nms_topk, c.nms_thresh,
-                              c.detections_per_img, c.thresh_with_ctr, True)[0]
-            note = "no detection passes the model's score threshold; showing its best candidates"
+        det, note = detections_for_display(model, head_out, locations, sizes)
     finally:
         model.train(was_training)
     return bases[0], (attns[0] if attns is not None else None), det, sizes[0], note

@@ -33,6 +33,7 @@ from torchvision.ops import box_iou
 from torchvision.utils import draw_bounding_boxes
 
 from onestage.modeling.fcos import FCOSHeadOutputs, centerness_target, compute_locations, postprocess
+from onestage.viz._model import model_device
 from onestage.viz.widgets import figure_explorer
 
 __all__ = [
@@ -198,10 +199,6 @@ def spearman(a: Tensor, b: Tensor) -> float:
     return float((ra * rb).sum() / den) if den > 0 else float("nan")
 
 
-def _model_device(model) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
 @torch.inference_mode()
 def head_outputs(model, image: Tensor):
     """Run ``model``'s backbone and head on one ``3×H×W`` image (RGB 0..1), as ``FCOS.forward`` does.
@@ -212,7 +209,7 @@ def head_outputs(model, image: Tensor):
     was_training = model.training
     model.eval()
     try:
-        batch, sizes = model.preprocess([image.to(_model_device(model))])
+        batch, sizes = model.preprocess([image.to(model_device(model))])
         feats = model.features(batch)
         out = model.head(feats)
         locations = [loc.cpu() for loc in compute_locations(feats, model.strides)]

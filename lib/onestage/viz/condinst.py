@@ -34,6 +34,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 from onestage.modeling.condinst import aligned_bilinear, sample_gt_masks
 from onestage.modeling.fcos import compute_locations
 from onestage.ops.dynamic_mask_head import coordinate_maps, mask_head_input_channels, parse_dynamic_params
+from onestage.viz._model import detections_for_display, model_device
 from onestage.viz.widgets import figure_explorer
 
 __all__ = [
@@ -259,10 +260,6 @@ class CondInstTrace:
         return self.mask_stride // self.upsample_factor
 
 
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def _forward_parts(model, image: Tensor) -> SimpleNamespace:
     """Fmask, the controller's parameters at every location and the detections (with their locations) of one
@@ -270,22 +267,14 @@ def _forward_parts(model, image: Tensor) -> SimpleNamespace:
     was_training = model.training
     model.eval()
     try:
-        batch, sizes = model.preprocess([image.to(_model_device(model))])
+        batch, sizes = model.preprocess([image.to(model_device(model))])
         feats = model.features(batch)
         head_out = model.head(feats)
         locations = compute_locations(feats, model.strides)
         mask_feats = model.mask_branch([feats[i] for i in model.mask_in_indices])
         params = model.controller_params(head_out)
-        det = model.postprocess(head_out, locations, sizes, return_indices=True)[0]
-        note = ""
-        if len(det["boxes"]) == 0:  # an under-trained model: show its best candidates anyway
-            from onestage.modeling.fcos import postprocess
-
-            c = model.cfg
-            det = postprocess(head_out, locations, model.strides, sizes, 0.0, c.pre_nms_topk, c.nms_thresh,
-                              c.detections_per_img, c.thresh_with_ctr, True)[0]
-            note = "no detection passes the model's score threshold; showing its best candidates"
-        elif getattr(model.cfg, "mask_nms", False):
+        det, note = detections_for_display(model, head_out, locations, sizes)
+        if not note and getattr(model.cfg, "mask_nms", False):
             note = "this model uses mask NMS (Table 5); the instances here are the box-NMS detections"
     finally:
         model.train(was_training)

@@ -40,6 +40,7 @@ from torch import Tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from onestage.viz.draw import class_colors
+from onestage.viz._model import detections_for_display, model_device
 
 __all__ = [
     "FAMILIES",
@@ -194,19 +195,15 @@ def model_family(model) -> str:
     raise TypeError(f"the explorer knows FCOS, CondInst, BlendMask and SOLO models, not {type(model).__name__}")
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _cpu(d: dict) -> dict:
     return {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in d.items()}
 
 
 def _fcos_family_parts(model, image: Tensor, family: str):
     """Head outputs, locations and detections with indices; a fallback to the best candidates when none pass."""
-    from onestage.modeling.fcos import compute_locations, postprocess
+    from onestage.modeling.fcos import compute_locations
 
-    batch, sizes = model.preprocess([image.to(_device(model))])
+    batch, sizes = model.preprocess([image.to(model_device(model))])
     if family == "blendmask":
         named = model.named_features(batch)
         feats = [named[n] for n in model.cfg.in_features]
@@ -214,13 +211,7 @@ def _fcos_family_parts(model, image: Tensor, family: str):
         named, feats = None, model.features(batch)
     head_out = model.head(feats)
     locations = compute_locations(feats, model.strides)
-    det = model.postprocess(head_out, locations, sizes, return_indices=True)[0]
-    note = ""
-    if len(det["boxes"]) == 0:
-        c = model.cfg
-        det = postprocess(head_out, locations, model.strides, sizes, 0.0, c.pre_nms_topk, c.nms_thresh,
-                          c.detections_per_img, c.thresh_with_ctr, True)[0]
-        note = "no detection passes the model's score threshold (untrained?): its best candidates are explained"
+    det, note = detections_for_display(model, head_out, locations, sizes)
     return batch, sizes, named, feats, head_out, locations, det, note
 
 
@@ -281,13 +272,13 @@ def _explain_solo(model, image: Tensor, family: str, names) -> Explanation:
     from onestage.modeling.solo import cell_levels
     from onestage.viz.solo import model_outputs
 
-    out = model_outputs(model, image.to(_device(model)))
+    out = model_outputs(model, image.to(model_device(model)))
     note = ""
     if len(out.detections["boxes"]) == 0:  # untrained: lower the thresholds for the best candidates
         cfg = model.cfg
         model.cfg = dataclasses.replace(cfg, score_thresh=0.0, update_thresh=0.0)
         try:
-            out = model_outputs(model, image.to(_device(model)))
+            out = model_outputs(model, image.to(model_device(model)))
         finally:
             model.cfg = cfg
         note = "no detection passes the model's score threshold (untrained?): its best candidates are explained"
