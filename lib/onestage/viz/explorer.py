@@ -39,8 +39,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from onestage.viz._model import BEST_CANDIDATES_NOTE, detections_for_display, model_device
 from onestage.viz.draw import class_colors
-from onestage.viz._model import detections_for_display, model_device
 
 __all__ = [
     "FAMILIES",
@@ -281,7 +281,7 @@ def _explain_solo(model, image: Tensor, family: str, names) -> Explanation:
             out = model_outputs(model, image.to(model_device(model)))
         finally:
             model.cfg = cfg
-        note = "no detection passes the model's score threshold (untrained?): its best candidates are explained"
+        note = BEST_CANDIDATES_NOTE
     head = out.head
     _, within, _ = cell_levels(model.grid_numbers)
     parts = SimpleNamespace(cate=[t[0].detach().cpu() for t in head.cate_logits], canvas=tuple(out.canvas),
