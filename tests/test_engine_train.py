@@ -164,3 +164,22 @@ def test_lr_schedule_warmup_then_cosine(tmp_path):
     assert lrs[0] == pytest.approx(1e-4)  # warm-up starts at warmup_factor × lr
     assert lrs[2] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 6)))
     assert lrs == sorted(lrs[:2]) + sorted(lrs[2:], reverse=True)
+
+
+def test_torch_threads_sets_and_restores_the_count():
+    from onestage.engine import torch_threads
+
+    before = torch.get_num_threads()
+    other = 2 if before == 1 else 1
+    with torch_threads(other):
+        assert torch.get_num_threads() == other
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        with torch_threads(other):
+            raise RuntimeError("the count is restored on errors too")
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match=">= 1"):
+        with torch_threads(0):
+            pass

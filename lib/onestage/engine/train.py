@@ -84,6 +84,22 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # ------------------------------------------------------------------------------------------------------ randomness
+@contextlib.contextmanager
+def torch_threads(count: Optional[int]):
+    """Run the block with ``torch.set_num_threads(count)`` and restore the previous count afterwards (``None``
+    leaves it unchanged). The walkthrough notebooks push single images through small models on one thread (a pool
+    only adds overhead to many small ops) but train, when they must, on every core."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        if count < 1:
+            raise ValueError(f"thread count must be >= 1, got {count}")
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and every CUDA device)."""
     random.seed(seed)
