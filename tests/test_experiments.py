@@ -267,13 +267,39 @@ def test_aggregate_mean_std_and_sign_checks(tmp_path):
     assert claims[0]["ours_delta"] == pytest.approx(-8.5) and claims[0]["published_delta"] == -5.0
     # -8.5 against a standard error of sqrt(4/3 + 0.5/2) ≈ 1.26: well outside the noise
     assert claims[0]["within_noise"] is False and claims[2]["within_noise"] is None
+    # paired by seed: a − b for seeds 0 and 1 (b's seed 2 failed); c has one seed, so no verdict
+    assert claims[0]["seed_deltas"] == pytest.approx([-10.0, -9.0]) and claims[0]["seeds_agree"] is True
+    assert claims[2]["seed_deltas"] == pytest.approx([2.3]) and claims[2]["seeds_agree"] is None
+    assert claims[3]["seed_deltas"] == [] and claims[3]["seeds_agree"] is None
 
     text, fig = aggregate.report(table, d, figure=True)
     assert "| a | (baseline) | 12.0 ± 2.0 | 30.0 | 3 | 0 |" in text
-    assert "| a below b | a < b | bbox.AP | -8.5 | -5.0 | matches | no |" in text
+    assert "| a below b | a < b | bbox.AP | -8.5 | -5.0 | matches | no | -10.0 / -9.0 (all seeds agree) |" in text
     assert "b seed 2: ValueError: nope" in text
     assert type(fig).__name__ == "Figure" and fig.axes[0].get_ylabel() == "bbox.AP"
     assert math.isclose(fig.axes[0].lines[-1].get_ydata()[0], 30.0)  # the published marker of row a
+
+
+def test_claims_pair_runs_by_seed(tmp_path):
+    """A common seed effect (seed 1 is 5 points better in both rows) hides a consistent +0.5 from the unpaired
+    noise test; the per-seed differences show it. Disagreeing seeds are called so."""
+    table = validate_table(_minimal_table(
+        id="paired", metric="segm.AP", metrics=["segm.AP"],
+        rows=[{"name": "base", "overrides": {}, "published": None},
+              {"name": "up", "overrides": {"x": 1}, "published": None},
+              {"name": "mixed", "overrides": {"x": 2}, "published": None}],
+        expect=[{"claim": "up above base", "row_a": "up", "row_b": "base", "sign": ">"},
+                {"claim": "mixed above base", "row_a": "mixed", "row_b": "base", "sign": ">"}]))
+    d = tmp_path / "paired"
+    for row, aps in {"base": [10.0, 15.0], "up": [10.5, 15.5], "mixed": [11.0, 14.8]}.items():
+        for seed, ap in enumerate(aps):
+            write_json_atomic(d / f"{row}__seed{seed}.json", {"status": "finished", "metrics": {"segm": {"AP": ap}}})
+    up, mixed = aggregate.check_claims(table, aggregate.collect(table, d))
+    assert up["within_noise"] is True and up["seeds_agree"] is True
+    assert up["seed_deltas"] == pytest.approx([0.5, 0.5])
+    assert mixed["seed_deltas"] == pytest.approx([1.0, -0.2]) and mixed["seeds_agree"] is False
+    text = aggregate.markdown(table, aggregate.collect(table, d), [up, mixed])
+    assert "| +0.5 / +0.5 (all seeds agree) |" in text and "| +1.0 / -0.2 (seeds disagree) |" in text
 
 
 def test_report_cli_reads_results_dir(tmp_path, capsys):

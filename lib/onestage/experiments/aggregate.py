@@ -4,7 +4,9 @@ Why signs and not values: onestage reproduces ablations at laptop scale (small i
 synthetic data), where absolute APs are nowhere near COCO numbers. What *can* transfer is the direction of an effect:
 "depth 1 is worse than depth 3", "center-ness helps". So for every ``expect`` claim of a table the aggregator compares
 the sign of our mean difference with the paper's, and says separately whether our difference is larger than the
-seed-to-seed noise (so that a "matches" inside the noise is not over-read).
+seed-to-seed noise (so that a "matches" inside the noise is not over-read). Seed ``k`` of every row shares the data
+order and the pretrained weights, so much of the seed-to-seed spread moves all rows together; the per-seed
+differences (row a seed k − row b seed k) are reported beside the means, with whether every seed agrees in sign.
 
 Everything here is plain Python (lists of dicts), so it works without pandas; :func:`markdown` renders the text
 table and :func:`figure` a matplotlib Figure.
@@ -62,8 +64,10 @@ def collect(table: PaperTable, results_dir: Union[str, Path]) -> list[dict]:
         failed = [x for x in recs if x.get("status") == "failed"]
         metrics = {}
         for m in table.metrics:
-            vals = [v for v in (get_metric(x, m) for x in finished) if v is not None]
-            st = _stats(vals)
+            by_seed = {x["_seed"]: get_metric(x, m) for x in finished}
+            by_seed = {k: v for k, v in sorted(by_seed.items()) if v is not None}
+            st = _stats(list(by_seed.values()))
+            st["by_seed"] = by_seed
             key = m.split(".", 1)[1]
             st["published"] = (r.published or {}).get(key)
             metrics[m] = st
@@ -92,6 +96,9 @@ def check_claims(table: PaperTable, rows: list[dict]) -> list[dict]:
     ``status``: ``"matches"`` when our difference has the claimed sign ("<", ">") or stays within ``tolerance`` for
     "=", ``"differs"`` otherwise, ``"n/a"`` when either row has no finished run. ``within_noise`` is True when
     |difference| ≤ 2 standard errors of the difference of means (needs ≥ 2 seeds per row; None otherwise).
+    ``seed_deltas``: row_a − row_b per seed both rows finished (same seed = same data order, so the spread common
+    to both rows cancels); ``seeds_agree``: True when there are ≥ 2 of them and all have the sign of our mean
+    difference, False when they disagree, None otherwise.
     """
     by_name = {r["row"]: r for r in rows}
     results = []
@@ -104,7 +111,8 @@ def check_claims(table: PaperTable, rows: list[dict]) -> list[dict]:
             pub_delta = round(a["published"] - b["published"], 4)
         res = {"claim": c.claim, "row_a": c.row_a, "row_b": c.row_b, "metric": metric, "sign": c.sign,
                "tolerance": c.tolerance if c.sign == "=" else None, "ours_delta": None,
-               "published_delta": pub_delta, "status": "n/a", "within_noise": None}
+               "published_delta": pub_delta, "status": "n/a", "within_noise": None, "seed_deltas": [],
+               "seeds_agree": None}
         if a["mean"] is not None and b["mean"] is not None:
             delta = a["mean"] - b["mean"]
             res["ours_delta"] = delta
@@ -113,6 +121,10 @@ def check_claims(table: PaperTable, rows: list[dict]) -> list[dict]:
             if a["n"] >= 2 and b["n"] >= 2:
                 se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
                 res["within_noise"] = abs(delta) <= 2 * se
+            a_seeds, b_seeds = a.get("by_seed") or {}, b.get("by_seed") or {}
+            res["seed_deltas"] = [a_seeds[k] - b_seeds[k] for k in sorted(a_seeds) if k in b_seeds]
+            if len(res["seed_deltas"]) >= 2:
+                res["seeds_agree"] = all(d * delta > 0 for d in res["seed_deltas"])
         results.append(res)
     return results
 
@@ -152,13 +164,15 @@ def markdown(table: PaperTable, rows: list[dict], claims: list[dict]) -> str:
             cells.append(f"{_fmt(s['mean'])} ({_fmt(s['published'])})")
         out.append("| " + " | ".join(cells) + " |")
     if claims:
-        out += ["", "| claim | a − b | metric | ours Δ | paper Δ | sign check | within noise |",
-                "|---|---|---|---|---|---|---|"]
+        out += ["", "| claim | a − b | metric | ours Δ | paper Δ | sign check | within noise | Δ per seed |",
+                "|---|---|---|---|---|---|---|---|"]
         for c in claims:
             sign = c["sign"] + (f" (±{c['tolerance']:g})" if c["sign"] == "=" else "")
             noise = {True: "yes", False: "no", None: "—"}[c["within_noise"]]
+            per_seed = " / ".join(_fmt_delta(d) for d in c.get("seed_deltas", [])) or "—"
+            agree = {True: " (all seeds agree)", False: " (seeds disagree)", None: ""}[c.get("seeds_agree")]
             out.append(f"| {c['claim']} | {c['row_a']} {sign} {c['row_b']} | {c['metric']} | {_fmt_delta(c['ours_delta'])} "
-                       f"| {_fmt_delta(c['published_delta'])} | {c['status']} | {noise} |")
+                       f"| {_fmt_delta(c['published_delta'])} | {c['status']} | {noise} | {per_seed}{agree} |")
     errors = [(r["row"], e) for r in rows for e in r["errors"]]
     if errors:
         out += ["", "Failed runs:"]
