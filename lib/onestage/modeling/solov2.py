@@ -295,17 +295,20 @@ class SOLOv2(nn.Module):
         out_hw = feats.shape[-2:]
         all_masks = [t["masks"] for t in targets]
         s2 = [s * s for s in self.grid_numbers]
+        # one view per image, taken once: indexing feats[b] inside the loops would make autograd allocate (and
+        # zero) a whole B×E×H×W gradient for every (level, image) pair
+        per_image = feats.unbind(0)
         dice = []
         for lvl, cells in enumerate(assigned.cells):
             if cells.numel() == 0:
                 continue
             kernels = self.cell_kernels(head_out, lvl, cells)
             images = cells // s2[lvl]
-            logits = torch.empty(cells.numel(), *out_hw, device=feats.device, dtype=feats.dtype)
-            for b in images.unique().tolist():
-                sel = (images == b).nonzero().squeeze(1)
-                logits = logits.index_put((sel,), dynamic_masks(kernels[sel], feats[b]))
-            gt = _gather_masks(all_masks, assigned.gt_inds[lvl], canvas_hw, out_hw)
+            # the pairs regrouped image by image (the Dice terms are averaged, so their order does not matter)
+            groups = [(images == b).nonzero().squeeze(1) for b in images.unique().tolist()]
+            logits = torch.cat([dynamic_masks(kernels[sel], per_image[b]) for b, sel in
+                                zip(images.unique().tolist(), groups)])
+            gt = _gather_masks(all_masks, assigned.gt_inds[lvl][torch.cat(groups)], canvas_hw, out_hw)
             dice.append(dice_loss(logits.sigmoid(), gt, eps=2e-3))
         # keep the kernel and mask branches in the graph when nothing is positive (DDP needs every parameter)
         zero = (sum(k.sum() for k in head_out.kernels) + feats.sum()) * 0.0
