@@ -1,0 +1,159 @@
+"""Which branch limits a trained SOLO / SOLOv2: the category branch or the mask branch?
+
+COCO mask AP mixes three things: whether the right class scores high at an object's grid cells, whether the mask
+those cells draw is right, and how the candidates are ranked and de-duplicated. Two measurements pull them apart:
+
+* :func:`positive_cell_diagnostics` looks only at the *positive* (cell, object) pairs of the training assignment
+  (:func:`onestage.modeling.solo.grid_targets` on the val images): the score of the object's class at its cells,
+  whether that class is the cell's top class, and the IoU of the cell's mask with the object's mask — the category
+  branch and the mask branch each judged where they are supposed to be right, with no NMS or threshold involved.
+* :func:`class_agnostic_ap` re-scores the model's COCO results with every category merged into one: the gap to the
+  per-class AP is what class confusion costs.
+
+Used for the SOLOv2 schedule record in ``data/results/solov2_schedule/`` (README "Shipped checkpoints").
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from onestage.modeling.solo import SOLO, downsample_masks
+from onestage.modeling.solov2 import SOLOv2, dynamic_masks
+
+__all__ = ["positive_cell_diagnostics", "class_agnostic_ap"]
+
+
+def _head_outputs(model, batch: Tensor):
+    if isinstance(model, SOLOv2):
+        return model.heads(batch)
+    if isinstance(model, SOLO):
+        return model.head(model.features(batch))
+    raise TypeError(f"positive_cell_diagnostics needs a SOLO or SOLOv2 model, got {type(model).__name__}")
+
+
+def _cell_mask_probs(model, head_out, lvl: int, cells: Tensor) -> Tensor:
+    """Mask probabilities of one image's cells ``k`` (batch of one) at the model's mask resolution for that level."""
+    if isinstance(model, SOLOv2):
+        return dynamic_masks(model.cell_kernels(head_out, lvl, cells), head_out.mask_features[0]).sigmoid()
+    return model.positive_mask_probs(head_out, lvl, cells)
+
+
+def _quantiles(values: Tensor) -> dict:
+    if values.numel() == 0:
+        return {"median": float("nan"), "mean": float("nan")}
+    return {"median": float(values.median()), "mean": float(values.mean())}
+
+
+@torch.inference_mode()
+def positive_cell_diagnostics(model, dataset, max_images: Optional[int] = 40, mask_thresh: float = 0.5) -> dict:
+    """Category and mask quality of ``model`` at the positive cells of ``dataset``'s first ``max_images`` images.
+
+    Returns ``num_pairs`` (positive (cell, object) pairs over all levels), ``gt_class_score`` (median / mean of the
+    sigmoid score of the object's class at its cells) with ``frac_gt_score_above`` (0.1 = the inference score
+    threshold, 0.3), ``class_accuracy`` (fraction of pairs whose top-scoring class is the object's), and
+    ``mask_iou`` (median / mean IoU of the cell's mask, binarised at ``mask_thresh``, with the object's mask at the
+    same resolution) with ``frac_mask_iou_above`` (0.5, 0.75). The model's train/eval mode is restored.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    n = len(dataset) if max_images is None else min(max_images, len(dataset))
+    gt_scores, correct, ious = [], [], []
+    try:
+        for i in range(n):
+            image, target = dataset[i]
+            batch, _ = model.preprocess([image.to(device)])
+            canvas = batch.shape[-2:]
+            head_out = _head_outputs(model, batch)
+            assigned = model.assign([target], canvas)
+            labels = target["labels"].to(device)
+            for lvl, cells in enumerate(assigned.cells):
+                if cells.numel() == 0:
+                    continue
+                cells, objects = cells.to(device), assigned.gt_inds[lvl].to(device)
+                scores = head_out.cate_logits[lvl][0].flatten(1).sigmoid()[:, cells].T  # pairs × classes
+                gt_scores.append(scores.gather(1, labels[objects, None])[:, 0])
+                correct.append(scores.argmax(1) == labels[objects])
+                probs = _cell_mask_probs(model, head_out, lvl, cells)
+                gt = downsample_masks(target["masks"].to(device), canvas, probs.shape[-2:])[objects] > 0.5
+                pred = probs > mask_thresh
+                inter = (pred & gt).flatten(1).sum(1).float()
+                union = (pred | gt).flatten(1).sum(1).float()
+                ious.append(inter / union.clamp(min=1))
+    finally:
+        model.train(was_training)
+    cat = lambda parts, dtype: torch.cat(parts).to(dtype).cpu() if parts else torch.zeros(0, dtype=dtype)  # noqa: E731
+    s, c, iou = cat(gt_scores, torch.float32), cat(correct, torch.float32), cat(ious, torch.float32)
+    return {
+        "images": n,
+        "num_pairs": int(s.numel()),
+        "gt_class_score": _quantiles(s),
+        "frac_gt_score_above": {str(t): float((s > t).float().mean()) if s.numel() else float("nan")
+                                for t in (0.1, 0.3)},
+        "class_accuracy": float(c.mean()) if c.numel() else float("nan"),
+        "mask_iou": _quantiles(iou),
+        "frac_mask_iou_above": {str(t): float((iou > t).float().mean()) if iou.numel() else float("nan")
+                                for t in (0.5, 0.75)},
+    }
+
+
+def class_agnostic_ap(coco_gt, results: Sequence[dict], image_ids: Sequence[int], iou_type: str = "segm") -> float:
+    """COCO AP (percent) of ``results`` (COCO result dicts, e.g. from ``evaluate(..., return_predictions=True)``)
+    with every ground-truth and detected category merged into one."""
+    from pycocotools.coco import COCO
+
+    from onestage.engine.evaluate import coco_eval
+
+    data = copy.deepcopy(coco_gt.dataset)
+    if not data.get("categories"):
+        raise ValueError("the ground truth has no categories")
+    merged = data["categories"][0]["id"]
+    for ann in data["annotations"]:
+        ann["category_id"] = merged
+    data["categories"] = data["categories"][:1]
+    gt = COCO()
+    gt.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
+        gt.createIndex()
+    # fresh dicts with only what COCOeval reads: loadRes writes area/id (and a bbox for segm) into the dicts it gets
+    field = "segmentation" if iou_type == "segm" else "bbox"
+    merged_results = [{"image_id": r["image_id"], "score": r["score"], field: r[field], "category_id": merged}
+                      for r in results]
+    return coco_eval(gt, merged_results, iou_type, list(image_ids))["AP"]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """``python -m onestage.analysis.solo_diagnostics CHECKPOINT [--size 256] [--max-images 40]``: prints the
+    diagnostics, the per-class and the class-agnostic COCO AP on the first images of the synthetic val split as JSON."""
+    import argparse
+    import json
+
+    from onestage.data import get_dataset
+    from onestage.engine.checkpoint import load_model
+    from onestage.engine.evaluate import evaluate
+
+    p = argparse.ArgumentParser(prog="python -m onestage.analysis.solo_diagnostics", description=main.__doc__)
+    p.add_argument("checkpoint")
+    p.add_argument("--data", default="synthetic", help="dataset spec for get_dataset (default: synthetic)")
+    p.add_argument("--size", type=int, default=320, help="test short side = max side (default: 320)")
+    p.add_argument("--max-images", type=int, default=40)
+    args = p.parse_args(argv)
+    model = load_model(args.checkpoint).eval().float()
+    dataset = get_dataset(args.data, split="val", train=False, min_size=(args.size,), max_size=args.size)
+    report = {"checkpoint": str(args.checkpoint), "size": args.size,
+              "positive_cells": positive_cell_diagnostics(model, dataset, args.max_images)}
+    metrics, results = evaluate(model, dataset, max_images=args.max_images, progress=False, return_predictions=True)
+    ids = [int(dataset[i][1]["image_id"]) for i in range(report["positive_cells"]["images"])]
+    report["segm_AP"] = metrics["segm"]["AP"]
+    report["segm_AP_class_agnostic"] = class_agnostic_ap(dataset.coco, results, ids, "segm")
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
