@@ -10,7 +10,7 @@ those cells draw is right, and how the candidates are ranked and de-duplicated. 
 * :func:`class_agnostic_ap` re-scores the model's COCO results with every category merged into one: the gap to the
   per-class AP is what class confusion costs.
 
-Used for the SOLOv2 schedule record in ``data/results/solov2_schedule/`` (README "Shipped checkpoints").
+Used for the SOLOv2 schedule record in ``data/results/solov2_schedule/`` (README "Measured").
 """
 from __future__ import annotations
 
