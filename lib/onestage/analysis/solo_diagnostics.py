@@ -49,6 +49,11 @@ def _quantiles(values: Tensor) -> dict:
     return {"median": float(values.median()), "mean": float(values.mean())}
 
 
+def _fractions_above(values: Tensor, thresholds: Sequence[float]) -> dict:
+    nan = float("nan")
+    return {str(t): float((values > t).float().mean()) if values.numel() else nan for t in thresholds}
+
+
 @torch.inference_mode()
 def positive_cell_diagnostics(model, dataset, max_images: Optional[int] = 40, mask_thresh: float = 0.5) -> dict:
     """Category and mask quality of ``model`` at the positive cells of ``dataset``'s first ``max_images`` images.
@@ -87,18 +92,15 @@ def positive_cell_diagnostics(model, dataset, max_images: Optional[int] = 40, ma
                 ious.append(inter / union.clamp(min=1))
     finally:
         model.train(was_training)
-    cat = lambda parts, dtype: torch.cat(parts).to(dtype).cpu() if parts else torch.zeros(0, dtype=dtype)  # noqa: E731
-    s, c, iou = cat(gt_scores, torch.float32), cat(correct, torch.float32), cat(ious, torch.float32)
+    s, c, iou = (torch.cat(parts).float().cpu() if parts else torch.zeros(0) for parts in (gt_scores, correct, ious))
     return {
         "images": n,
         "num_pairs": int(s.numel()),
         "gt_class_score": _quantiles(s),
-        "frac_gt_score_above": {str(t): float((s > t).float().mean()) if s.numel() else float("nan")
-                                for t in (0.1, 0.3)},
+        "frac_gt_score_above": _fractions_above(s, (0.1, 0.3)),
         "class_accuracy": float(c.mean()) if c.numel() else float("nan"),
         "mask_iou": _quantiles(iou),
-        "frac_mask_iou_above": {str(t): float((iou > t).float().mean()) if iou.numel() else float("nan")
-                                for t in (0.5, 0.75)},
+        "frac_mask_iou_above": _fractions_above(iou, (0.5, 0.75)),
     }
 
 
@@ -148,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     report = {"checkpoint": str(args.checkpoint), "size": args.size,
               "positive_cells": positive_cell_diagnostics(model, dataset, args.max_images)}
     metrics, results = evaluate(model, dataset, max_images=args.max_images, progress=False, return_predictions=True)
-    ids = [int(dataset[i][1]["image_id"]) for i in range(report["positive_cells"]["images"])]
+    ids = [int(i) for i in dataset.ids[: report["positive_cells"]["images"]]]  # no image is loaded again
     report["segm_AP"] = metrics["segm"]["AP"]
     report["segm_AP_class_agnostic"] = class_agnostic_ap(dataset.coco, results, ids, "segm")
     print(json.dumps(report, indent=1))

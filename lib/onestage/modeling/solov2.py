@@ -305,9 +305,9 @@ class SOLOv2(nn.Module):
             kernels = self.cell_kernels(head_out, lvl, cells)
             images = cells // s2[lvl]
             # the pairs regrouped image by image (the Dice terms are averaged, so their order does not matter)
-            groups = [(images == b).nonzero().squeeze(1) for b in images.unique().tolist()]
-            logits = torch.cat([dynamic_masks(kernels[sel], per_image[b]) for b, sel in
-                                zip(images.unique().tolist(), groups)])
+            owners = images.unique().tolist()
+            groups = [(images == b).nonzero().squeeze(1) for b in owners]
+            logits = torch.cat([dynamic_masks(kernels[sel], per_image[b]) for b, sel in zip(owners, groups)])
             gt = _gather_masks(all_masks, assigned.gt_inds[lvl][torch.cat(groups)], canvas_hw, out_hw)
             dice.append(dice_loss(logits.sigmoid(), gt, eps=2e-3))
         # keep the kernel and mask branches in the graph when nothing is positive (DDP needs every parameter)
