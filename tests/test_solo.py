@@ -295,6 +295,46 @@ def test_train_step_smoke(name, build):
     assert float(empty["loss_mask"].detach()) == 0.0 and empty["loss_mask"].requires_grad
 
 
+def test_sparse_mask_channels_equal_the_dense_head():
+    """Training and inference compute only the vanilla mask channels they read (``dense_masks=False``): same losses,
+    same gradient on every parameter, same detections as the dense 1×1 conv over all S² channels."""
+    torch.manual_seed(0)
+    model = SOLO(SOLOConfig.preset("smoke"), num_classes=7).train()
+    images, targets = _batch()
+    batch, _ = model.preprocess(images)
+    canvas = batch.shape[-2:]
+    runs = {}
+    for dense in (True, False):
+        model.zero_grad()
+        head_out = model.head(model.features(batch), dense_masks=dense)
+        assert (head_out.mask_logits is None) != dense and (head_out.mask_feats is None) == dense
+        losses = model.losses(head_out, targets, canvas)
+        sum(losses.values()).backward()
+        runs[dense] = ({k: v.detach() for k, v in losses.items()},
+                       {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (loss_d, grad_d), (loss_s, grad_s) = runs[True], runs[False]
+    assert float(loss_d["loss_mask"]) > 0
+    for k in loss_d:
+        assert torch.allclose(loss_d[k], loss_s[k], atol=1e-6), k
+    assert grad_d.keys() == grad_s.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+    for n in grad_d:
+        assert torch.allclose(grad_d[n], grad_s[n], rtol=1e-4, atol=1e-6), n
+    # a channel no positive cell reads gets exactly zero gradient on its 1×1 weights either way
+    assigned = model.assign(targets, canvas)
+    used = set((assigned.cells[0] % GRIDS[0] ** 2).tolist())
+    unused = next(k for k in range(GRIDS[0] ** 2) if k not in used)
+    assert not grad_s["head.mask_preds.0.weight"][unused].any()
+    # inference: the sparse path (model.forward) gives the detections of the dense head's outputs
+    _loosen(model).eval()
+    with torch.no_grad():
+        sparse = model(images)
+        batch, sizes = model.preprocess(images)
+        dense = model.postprocess(model.head(model.features(batch)), sizes, batch.shape[-2:])
+    for a, b in zip(sparse, dense):
+        assert len(a["scores"]) > 0 and torch.equal(a["labels"], b["labels"]) and torch.equal(a["masks"], b["masks"])
+        assert torch.allclose(a["scores"], b["scores"], atol=1e-6)
+
+
 def _loosen(model):
     """Untrained heads predict near-empty masks at the prior; open them so the eval path has detections."""
     with torch.no_grad():

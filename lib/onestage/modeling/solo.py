@@ -401,12 +401,17 @@ class SOLOHeadOutputs(NamedTuple):
     """Per-level lists. ``cate_logits[l]`` ``B×C×S×S``. Vanilla: ``mask_logits[l]`` ``B×S²×h×w`` (channel k = i·S+j)
     at stride/2 (the tower output is upsampled ×2 before the 1×1 conv). Decoupled: ``mask_logits_x[l]`` /
     ``mask_logits_y[l]`` ``B×S×h×w`` — the column-j and row-i maps; the mask of cell (i, j) is
-    σ(y_i)·σ(x_j). Unused fields are ``None``."""
+    σ(y_i)·σ(x_j). Unused fields are ``None``.
+
+    ``mask_feats[l]`` ``B×E×h×w`` is set instead of ``mask_logits`` when the vanilla head runs with
+    ``dense_masks=False``: the upsampled tower output, from which :meth:`SOLOHead.cell_mask_logits` computes only
+    the channels that are asked for."""
 
     cate_logits: List[Tensor]
     mask_logits: Optional[List[Tensor]]
     mask_logits_x: Optional[List[Tensor]]
     mask_logits_y: Optional[List[Tensor]]
+    mask_feats: Optional[List[Tensor]] = None
 
 
 class SOLOHead(nn.Module):
@@ -442,19 +447,47 @@ class SOLOHead(nn.Module):
     def _up2(x: Tensor) -> Tensor:
         return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
-    def forward(self, feats: Sequence[Tensor]) -> SOLOHeadOutputs:
-        cate, masks, masks_x, masks_y = [], [], [], []
+    def forward(self, feats: Sequence[Tensor], dense_masks: bool = True) -> SOLOHeadOutputs:
+        """``dense_masks=False`` (vanilla head only) skips the final 1×1 conv to all S² channels and returns the
+        features it would read (``mask_feats``): the loss and inference need a few hundred of the 3872 channels,
+        and at 256 px the dense conv and its backward were ~35 % of a CPU training step."""
+        cate, masks, masks_x, masks_y, mask_feats = [], [], [], [], []
         for lvl, (feat, s) in enumerate(zip(feats, self.grid_numbers)):
             cate_in = F.interpolate(feat, size=(s, s), mode="bilinear", align_corners=False)
             cate.append(self.cate_pred(self.cate_tower(cate_in)))
             if self.head == "vanilla":
-                masks.append(self.mask_preds[lvl](self._up2(self.mask_tower(feat))))
+                up = self._up2(self.mask_tower(feat))
+                if dense_masks:
+                    masks.append(self.mask_preds[lvl](up))
+                else:
+                    mask_feats.append(up)
             else:
                 masks_x.append(self.mask_preds_x[lvl](self._up2(self.mask_tower_x(feat))))
                 masks_y.append(self.mask_preds_y[lvl](self._up2(self.mask_tower_y(feat))))
         if self.head == "vanilla":
-            return SOLOHeadOutputs(cate, masks, None, None)
+            return SOLOHeadOutputs(cate, masks or None, None, None, mask_feats or None)
         return SOLOHeadOutputs(cate, None, masks_x, masks_y)
+
+    def cell_mask_logits(self, head_out: SOLOHeadOutputs, lvl: int, images: Tensor, channels: Tensor) -> Tensor:
+        """Vanilla mask logits ``N×h×w`` of channel ``channels[n]`` (k = i·S + j) of image ``images[n]`` at level
+        ``lvl`` — read from ``mask_logits`` when the head ran dense, else computed for these channels only: the
+        1×1 conv restricted to rows ``k`` of its weight, image by image. Same values (up to float summation order)
+        and, through autograd, the same gradients as slicing the dense output: channels no loss reads get zero
+        gradient either way."""
+        if head_out.mask_logits is not None:
+            return head_out.mask_logits[lvl][images, channels]
+        feat = head_out.mask_feats[lvl]
+        conv = self.mask_preds[lvl]
+        weight, bias = conv.weight.flatten(1), conv.bias
+        order = images.argsort(stable=True)
+        pieces, start = [], 0
+        for img, count in zip(*images[order].unique_consecutive(return_counts=True)):
+            k = channels[order[start : start + int(count)]]
+            # (n×E) @ (E×hw): a matmul per image instead of the S²-channel conv over the whole batch
+            pieces.append((weight[k].to(feat.dtype) @ feat[int(img)].flatten(1) + bias[k, None].to(feat.dtype)))
+            start += int(count)
+        out = torch.cat(pieces).view(-1, *feat.shape[-2:]) if pieces else feat.new_zeros(0, *feat.shape[-2:])
+        return out[order.argsort()]
 
 
 def mask_branch_output_shapes(grid_numbers: Sequence[int], strides: Sequence[int], image_hw: Sequence[int],
@@ -477,6 +510,10 @@ def mask_branch_memory(grid_numbers: Sequence[int] = PAPER_GRIDS, strides: Seque
     vanilla, decoupled}]}`` for ``batch_size`` images of ``image_hw`` (default: the COCO test size 800×1333 padded
     to 800×1344) in float32. Activations inside the towers and gradients come on top; this is the part that
     scales with S².
+
+    This is the dense head as the paper and the authors' code run it. :class:`SOLO` itself computes only the
+    channels that its loss or its candidates read (:meth:`SOLOHead.cell_mask_logits`), which removes most of this
+    cost for vanilla SOLO too; the decoupled head still needs 2S instead of S² *weights* per level.
     """
     levels = []
     for s, st, v, d in zip(grid_numbers, strides,
@@ -690,10 +727,9 @@ class SOLO(nn.Module):
         """Mask probabilities (at the level's mask resolution) of batch-flat cells ``b·S² + k`` of level ``lvl``:
         σ(channel k) for the vanilla head, σ(y_i)·σ(x_j) for the decoupled one (what the Dice loss sees, §4)."""
         s = self.grid_numbers[lvl]
-        if self.cfg.head == "vanilla":
-            logits = head_out.mask_logits[lvl]
-            return logits.flatten(0, 1)[cells].sigmoid()
         b, k = cells // (s * s), cells % (s * s)
+        if self.cfg.head == "vanilla":
+            return self.head.cell_mask_logits(head_out, lvl, b, k).sigmoid()
         i, j = k // s, k % s
         return head_out.mask_logits_y[lvl][b, i].sigmoid() * head_out.mask_logits_x[lvl][b, j].sigmoid()
 
@@ -706,9 +742,14 @@ class SOLO(nn.Module):
         all_masks = [t["masks"] for t in targets]
         dice, mask_outputs = [], []
         for lvl, cells in enumerate(assigned.cells):
-            out_hw = (head_out.mask_logits or head_out.mask_logits_x)[lvl].shape[-2:]
-            mask_outputs += [head_out.mask_logits[lvl]] if c.head == "vanilla" else \
-                [head_out.mask_logits_x[lvl], head_out.mask_logits_y[lvl]]
+            out_hw = (head_out.mask_logits or head_out.mask_feats or head_out.mask_logits_x)[lvl].shape[-2:]
+            if c.head == "decoupled":
+                mask_outputs += [head_out.mask_logits_x[lvl], head_out.mask_logits_y[lvl]]
+            elif head_out.mask_logits is not None:
+                mask_outputs.append(head_out.mask_logits[lvl])
+            else:
+                pred = self.head.mask_preds[lvl]
+                mask_outputs += [head_out.mask_feats[lvl], pred.weight, pred.bias]
             if cells.numel() == 0:
                 continue
             probs = self.positive_mask_probs(head_out, lvl, cells)
@@ -737,7 +778,8 @@ class SOLO(nn.Module):
                     continue
                 k = within[cells[sel]]
                 if self.cfg.head == "vanilla":
-                    probs = _resize(head_out.mask_logits[lvl][b, k].sigmoid(), out_hw)
+                    logits = self.head.cell_mask_logits(head_out, lvl, torch.full_like(k, b), k)
+                    probs = _resize(logits.sigmoid(), out_hw)
                 else:
                     # the reference upsamples the sigmoid maps, then multiplies
                     probs = (_resize(head_out.mask_logits_y[lvl][b, k // s].sigmoid(), out_hw)
@@ -768,7 +810,8 @@ class SOLO(nn.Module):
         if self.training and targets is None:
             raise ValueError(f"{type(self).__name__} needs targets in training mode")
         batch, sizes = self.preprocess(images)
-        head_out = self.head(self.features(batch))
+        # only the mask channels the loss or the candidates read are computed (``cell_mask_logits``)
+        head_out = self.head(self.features(batch), dense_masks=False)
         canvas = batch.shape[-2:]
         if self.training:
             return self.losses(head_out, targets, canvas)
