@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from onestage.cli import main
 
@@ -30,3 +31,36 @@ def test_mask_bench_forces_the_same_number_of_instances(capsys, tmp_path):
 def test_unknown_bench_target_is_a_clear_error(capsys):
     assert main(["bench", "yolo", "--size", "64"]) != 0
     assert "unknown bench target" in capsys.readouterr().err
+
+
+def test_overlapping_masks_are_deterministic_clusters_of_near_duplicates():
+    from onestage.bench import overlapping_masks
+    from onestage.structures import mask_iou
+
+    masks, scores, labels = overlapping_masks(60, (48, 64), num_clusters=6, seed=3)
+    again = overlapping_masks(60, (48, 64), num_clusters=6, seed=3)
+    assert masks.shape == (60, 48, 64) and masks.dtype == torch.bool
+    assert torch.equal(masks, again[0]) and torch.equal(scores, again[1]) and torch.equal(labels, again[2])
+    assert masks.flatten(1).any(1).float().mean() > 0.9
+    # every mask has a near-duplicate (IoU > 0.5) of its own class: something for an NMS to remove
+    iou = mask_iou(masks, masks).fill_diagonal_(0) * (labels[:, None] == labels[None, :])
+    assert (iou.max(1).values > 0.5).float().mean() > 0.8
+
+
+def test_nms_bench_times_both_nms_on_the_same_masks(capsys, tmp_path):
+    from onestage.bench import time_nms
+    from onestage.modeling.solo import matrix_nms
+    from onestage.structures import mask_nms
+
+    path = tmp_path / "n.json"
+    assert main(["bench", "nms", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Matrix NMS" in out and "greedy mask" in out and "matrix/greedy" in out
+    rows = json.loads(path.read_text())["nms"]["rows"]
+    assert [r["mask_hw"] for r in rows] == [[64, 64], [200, 336]]
+    small = time_nms(num_masks=40, mask_sizes=((32, 32),), repeats=1, warmup=0, device="cpu")["rows"][0]
+    from onestage.bench import overlapping_masks
+    masks, scores, labels = overlapping_masks(40, (32, 32))
+    assert small["kept_greedy"] == mask_nms(masks, scores, labels, 0.5).numel() < 40
+    assert small["kept_matrix"] == int((matrix_nms(masks, labels, scores) >= 0.05).sum())
+    assert all(small[k] > 0 for k in ("matrix_ms", "greedy_ms", "iou_only_ms", "torchvision_box_ms"))

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 __all__ = ["run_bench", "format_bench", "run_mask_bench", "format_mask_bench", "time_mask_heads",
-           "format_mask_heads"]
+           "format_mask_heads", "overlapping_masks", "time_nms", "format_nms"]
 
 
 def _time(fn, repeats: int, warmup: int, device: torch.device) -> float:
@@ -207,4 +207,82 @@ def format_mask_heads(r: dict) -> str:
                      f"{row['ms_with_upsample']:>18.1f}{row['ms_with_upsample'] / ref:>6.2f}x")
     lines.append(f"  {'Mask R-CNN MaskRCNNHeads + predictor (28x28)':<48}{r['maskrcnn_params']:>9}{ref:>9.1f}"
                  f"{1.0:>6.2f}x")
+    return "\n".join(lines)
+
+
+def overlapping_masks(num_masks: int, mask_hw: tuple, num_clusters: int = 40, num_classes: int = 5,
+                      seed: int = 0) -> tuple:
+    """``(masks N×H×W bool, scores N, labels N)``: what a mask NMS sees — ``num_masks`` disks in ``num_clusters``
+    groups of near-duplicates (each disk jitters its group's centre and radius by ~10 % of the radius), radii 5-35 %
+    of ``min(H, W) / 2``, uniform scores, each group one of ``num_classes`` classes. Deterministic in ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = mask_hw
+    centres = torch.rand(num_clusters, 2, generator=g) * torch.tensor([float(h), float(w)])
+    radii = (0.05 + 0.30 * torch.rand(num_clusters, generator=g)) * min(h, w) / 2
+    group = torch.randint(0, num_clusters, (num_masks,), generator=g)
+    cy, cx = (centres[group] + 0.1 * radii[group, None] * torch.randn(num_masks, 2, generator=g)).unbind(1)
+    r = radii[group] * (1 + 0.1 * torch.randn(num_masks, generator=g))
+    ys = torch.arange(h, dtype=torch.float32)[None, :, None]
+    xs = torch.arange(w, dtype=torch.float32)[None, None, :]
+    masks = (ys - cy[:, None, None]) ** 2 + (xs - cx[:, None, None]) ** 2 < r[:, None, None] ** 2
+    labels = torch.randint(0, num_classes, (num_clusters,), generator=g)[group]
+    return masks, torch.rand(num_masks, generator=g), labels
+
+
+def time_nms(num_masks: int = 500, mask_sizes=((64, 64), (200, 336)), repeats: int = 10, warmup: int = 2,
+             device: Optional[str] = None, seed: int = 0) -> dict:
+    """Milliseconds of the NMS step alone on the same ``num_masks`` candidates (SOLO's ``nms_pre`` = 500), for each
+    mask size (stride 4 of a 256-px image — the ``cpu`` preset — and of the paper's 800×1344 test canvas):
+
+    * ``matrix``: Matrix NMS (``onestage.modeling.solo.matrix_nms``, gaussian σ = 2) — one IoU matrix product, then
+      element-wise decay and a column minimum;
+    * ``greedy``: greedy class-aware mask NMS (``onestage.structures.mask_nms``, IoU 0.5) — the same IoU product, then a
+      sequential keep/drop sweep over the sorted masks;
+    * ``iou_only``: the shared ``N×N`` mask IoU product by itself (``onestage.structures.mask_iou``);
+    * ``torchvision_box``: ``torchvision.ops.batched_nms`` on the masks' tight boxes (IoU 0.5) — the reference a box
+      detector pays, for the ratio.
+
+    Also the number of masks each keeps (Matrix NMS: decayed score ≥ 0.05, SOLO's ``update_thresh``). Inputs from
+    :func:`overlapping_masks`. Whole-model timings (e.g. the ``solo_nms`` ablation's ``cost.inference_ms``) add
+    everything after the NMS, which grows with the number of masks kept.
+    """
+    import torchvision
+
+    from onestage.modeling.solo import matrix_nms
+    from onestage.structures import mask_iou, mask_nms, masks_to_boxes
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = []
+    with torch.inference_mode():
+        for hw in mask_sizes:
+            masks, scores, labels = (t.to(device) for t in overlapping_masks(num_masks, tuple(hw), seed=seed))
+            boxes = masks_to_boxes(masks).float()
+            fns = {
+                "matrix": lambda: matrix_nms(masks, labels, scores, "gaussian", 2.0),
+                "greedy": lambda: mask_nms(masks, scores, labels, 0.5),
+                "iou_only": lambda: mask_iou(masks, masks),
+                "torchvision_box": lambda: torchvision.ops.batched_nms(boxes, scores, labels, 0.5),
+            }
+            row = {"mask_hw": list(hw)}
+            for name, fn in fns.items():
+                row[f"{name}_ms"] = _time(fn, repeats, warmup, device) * 1000
+            row["kept_matrix"] = int((fns["matrix"]() >= 0.05).sum())
+            row["kept_greedy"] = int(fns["greedy"]().numel())
+            row["kept_torchvision_box"] = int(fns["torchvision_box"]().numel())
+            rows.append(row)
+    return {"device": str(device), "num_masks": num_masks, "repeats": repeats, "rows": rows,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "torchvision": torchvision.__version__}
+
+
+def format_nms(r: dict) -> str:
+    lines = [f"NMS of {r['num_masks']} candidate masks, {r['device']} ({r['threads']} threads), median of "
+             f"{r['repeats']} (torch {r['torch']}, torchvision {r['torchvision']})",
+             f"  {'masks':<10}{'Matrix NMS':>12}{'greedy mask':>13}{'IoU only':>10}{'tv box NMS':>12}"
+             f"{'matrix/greedy':>15}{'matrix/tv box':>15}{'kept m/g/box':>15}"]
+    for row in r["rows"]:
+        size = f"{row['mask_hw'][0]}x{row['mask_hw'][1]}"
+        lines.append(f"  {size:<10}{row['matrix_ms']:>10.1f}ms{row['greedy_ms']:>11.1f}ms{row['iou_only_ms']:>8.1f}ms"
+                     f"{row['torchvision_box_ms']:>10.2f}ms{row['matrix_ms'] / row['greedy_ms']:>14.2f}x"
+                     f"{row['matrix_ms'] / row['torchvision_box_ms']:>14.1f}x"
+                     f"{row['kept_matrix']:>7}/{row['kept_greedy']}/{row['kept_torchvision_box']}")
     return "\n".join(lines)

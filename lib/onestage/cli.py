@@ -330,13 +330,13 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
-BENCH_TARGETS = ("fcos", "condinst", "blendmask", "solov2", "mask-heads", "kernels")
+BENCH_TARGETS = ("fcos", "condinst", "blendmask", "solov2", "mask-heads", "nms", "kernels")
 
 
 def cmd_bench(args) -> int:
     from onestage import bench
 
-    targets = list(args.targets) or ["fcos", "condinst", "blendmask", "solov2", "mask-heads"]
+    targets = list(args.targets) or ["fcos", "condinst", "blendmask", "solov2", "mask-heads", "nms"]
     if "all" in targets:
         targets = list(BENCH_TARGETS)
     results = {}
@@ -352,6 +352,9 @@ def cmd_bench(args) -> int:
             r = bench.time_mask_heads(image_size=(args.size, args.size) if args.size < 800 else (800, 1333),
                                       settings=depths, repeats=args.repeats, warmup=args.warmup, device=args.device)
             text = bench.format_mask_heads(r)
+        elif target == "nms":
+            r = bench.time_nms(repeats=args.repeats, warmup=args.warmup, device=args.device)
+            text = bench.format_nms(r)
         elif target == "kernels":
             from onestage.ops import bench as kernel_bench
 
@@ -495,10 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "FCOS R50-FPN vs torchvision fcos_resnet50_fpn; CondInst / BlendMask / SOLOv2 "
                                    "R50-FPN vs torchvision maskrcnn_resnet50_fpn with 100 detections forced for both; "
                                    "'mask-heads': CondInst's dynamic heads vs Mask R-CNN's mask head per 100 "
-                                   "instances (CondInst Table 1's time column); 'kernels': the GPU kernels vs their "
+                                   "instances (CondInst Table 1's time column); 'nms': Matrix NMS vs greedy mask NMS "
+                                   "on the same 500 candidate masks, torchvision's box NMS for reference; "
+                                   "'kernels': the GPU kernels vs their "
                                    "PyTorch references (needs CUDA).")
     b.add_argument("targets", nargs="*", metavar="TARGET",
-                   help=f"what to time: {', '.join(BENCH_TARGETS)} or all (default: every model and mask-heads)")
+                   help=f"what to time: {', '.join(BENCH_TARGETS)} or all (default: every model, mask-heads and nms)")
     b.add_argument("--size", type=int, default=512, help="square input side in pixels")
     b.add_argument("--repeats", type=int, default=10, help="timed runs (the median is reported)")
     b.add_argument("--warmup", type=int, default=3, help="untimed runs first")
