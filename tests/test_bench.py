@@ -64,3 +64,13 @@ def test_nms_bench_times_both_nms_on_the_same_masks(capsys, tmp_path):
     assert small["kept_greedy"] == mask_nms(masks, scores, labels, 0.5).numel() < 40
     assert small["kept_matrix"] == int((matrix_nms(masks, labels, scores) >= 0.05).sum())
     assert all(small[k] > 0 for k in ("matrix_ms", "greedy_ms", "iou_only_ms", "torchvision_box_ms"))
+
+
+def test_solo_bench_keeps_its_candidate_masks(tmp_path):
+    # untrained SOLO masks sit at the focal prior (all below the mask threshold); the bench opens them so that
+    # SOLO, like Mask R-CNN, returns the forced 100 instances instead of timing an empty post-processing
+    path = tmp_path / "s.json"
+    assert main(["bench", "solo", "--size", "96", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json",
+                 str(path)]) == 0
+    r = json.loads(path.read_text())["solo"]
+    assert r["instances_onestage"] == 100 == r["instances_torchvision"]

@@ -121,6 +121,11 @@ def run_mask_bench(name: str, size: int = 512, repeats: int = 10, warmup: int = 
         # Random FCOS-style box regressors give ReLU(≈0) distances → empty boxes that are dropped; a bias of 1
         # (boxes of ±1 stride, as a trained model has) keeps every candidate alive so the mask head sees them all.
         torch.nn.init.constant_(bbox_pred.bias, 1.0)
+    for preds in ("mask_preds", "mask_preds_x", "mask_preds_y"):
+        # SOLO's mask channels start at the focal prior (σ ≈ 0.01 < the 0.5 mask threshold): every candidate mask
+        # would be empty and dropped. A bias of 2 (σ ≈ 0.88) keeps them, as a trained model's positive cells do.
+        for conv in getattr(getattr(ours, "head", None), preds, None) or ():
+            torch.nn.init.constant_(conv.bias, 2.0)
     theirs = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes + 1,
                                    min_size=size, max_size=size, box_score_thresh=0.0,
                                    box_detections_per_img=detections).to(device).eval()

@@ -330,7 +330,7 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
-BENCH_TARGETS = ("fcos", "condinst", "blendmask", "solov2", "mask-heads", "nms", "kernels")
+BENCH_TARGETS = ("fcos", "condinst", "blendmask", "solov2", "solo", "decoupled_solo", "mask-heads", "nms", "kernels")
 
 
 def cmd_bench(args) -> int:
