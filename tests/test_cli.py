@@ -74,3 +74,21 @@ def test_demo_rejects_an_unknown_model_before_doing_any_work(tmp_path, capsys):
     assert main(["demo", "--model", "yolo", "--out", str(tmp_path / "d"), "--data-root", str(tmp_path / "g")]) != 0
     assert "unknown model 'yolo'" in capsys.readouterr().err
     assert not (tmp_path / "g").exists() and not (tmp_path / "d").exists()
+
+
+def test_eval_model_set_changes_post_processing_only(tmp_path, capsys):
+    import dataclasses
+
+    from onestage.cli import UserError, _replace_model_cfg
+    from onestage.modeling import get_model_config
+
+    cfg = get_model_config("solov2", "smoke")
+    new = _replace_model_cfg(cfg, {"nms": "mask", "score_thresh": 0.2, "detections_per_img": 5})
+    assert (new.nms, new.score_thresh, new.detections_per_img) == ("mask", 0.2, 5)
+    assert dataclasses.replace(new, nms=cfg.nms, score_thresh=cfg.score_thresh,
+                               detections_per_img=cfg.detections_per_img) == cfg
+    with pytest.raises(UserError, match="not a post-processing setting.*nms_pre"):
+        _replace_model_cfg(cfg, {"num_grids": 3})  # shapes the network: refused, and the allowed names are listed
+    with pytest.raises(UserError, match="expected a value like"):
+        _replace_model_cfg(cfg, {"nms": 3})
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing.pt"), "--model-set", "nms=mask"]) == 2

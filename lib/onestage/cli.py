@@ -97,6 +97,27 @@ def _test_sizes(ckpt: dict):
     return cfg.get("test_min_size", default.test_min_size), cfg.get("test_max_size", default.test_max_size)
 
 
+#: What ``eval --model-set`` may change: post-processing settings, which every model reads from ``model.cfg`` at
+#: inference. Anything else in a model config shapes the network, which is already built from the checkpoint.
+_POSTPROCESS_WORDS = ("thresh", "nms", "topk", "detections", "candidates")
+
+
+def _replace_model_cfg(cfg, overrides: dict):
+    """``cfg`` with post-processing fields replaced (e.g. ``nms='mask'``, ``score_thresh=0.05``); other fields,
+    unknown names and values of the wrong type are user errors."""
+    allowed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+               if any(w in f.name for w in _POSTPROCESS_WORDS)}
+    for key, value in overrides.items():
+        if key not in allowed:
+            raise UserError(f"--model-set: {key!r} is not a post-processing setting of {type(cfg).__name__}; "
+                            f"these are: {', '.join(sorted(allowed))}")
+        current = allowed[key]
+        if isinstance(current, bool) != isinstance(value, bool) or isinstance(current, str) != isinstance(value, str) \
+                or not isinstance(value, (bool, int, float, str)):
+            raise UserError(f"--model-set {key}={value!r}: expected a value like {current!r}")
+    return dataclasses.replace(cfg, **overrides)
+
+
 def _load(checkpoint: str, device: str):
     from onestage.engine.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -190,12 +211,25 @@ def cmd_eval(args) -> int:
 
     device = _device(args.device)
     ckpt, model = _load(args.checkpoint, device)
+    overrides = _parse_sets(args.model_set, "--model-set")
+    if overrides:
+        model.cfg = _replace_model_cfg(model.cfg, overrides)
     test_min, test_max = _test_sizes(ckpt)
     cfg = TrainConfig(test_min_size=args.min_size or test_min, test_max_size=args.max_size or test_max)
     ds = _dataset(args.data, args.split, cfg, train=False)
+    start = time.perf_counter()
     metrics = evaluate(model, ds, batch_size=args.batch_size, max_images=args.max_images,
                        progress=not args.no_progress, verbose=args.verbose)
-    print(format_metrics(metrics, title=f"COCO AP: {args.checkpoint} on {args.data} {args.split}"))
+    wall = time.perf_counter() - start
+    title = f"COCO AP: {args.checkpoint} on {args.data} {args.split}"
+    if overrides:
+        metrics["model_overrides"] = {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
+                                      for k, v in overrides.items()}
+        title += " with " + ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+    metrics["eval_wall_s"] = round(wall, 2)
+    print(format_metrics({k: v for k, v in metrics.items() if isinstance(v, dict) and k != "model_overrides"},
+                         title=title))
+    print(f"evaluation wall time: {wall:.1f} s (model, post-processing and COCOeval)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(metrics, indent=2))
@@ -435,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--min-size", type=int, default=None, help="test short side (default: from the checkpoint)")
     e.add_argument("--max-size", type=int, default=None, help="test long-side cap (default: from the checkpoint)")
     e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    e.add_argument("--model-set", action="append", metavar="KEY=VALUE",
+                   help="inference setting of the model config for this evaluation, e.g. --model-set nms=mask "
+                        "--model-set score_thresh=0.05 (repeatable; recorded in --json)")
     e.add_argument("--verbose", action="store_true", help="print COCOeval's own summary")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")

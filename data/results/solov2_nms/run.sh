@@ -1,0 +1,13 @@
+#!/bin/bash
+# SOLOv2 Matrix NMS vs greedy mask NMS on two trained checkpoints (post-processing only: no training)
+set -e
+cd /work/main && source .venv/bin/activate
+export OMP_NUM_THREADS=1
+for ck in "runs/solov2_800_256/final.pt:800it" "data/checkpoints/solov2_cpu_synthetic.pt:shipped"; do
+  path=${ck%%:*}; name=${ck##*:}
+  for nms in matrix mask; do
+    out=runs/solov2_nms/${name}__${nms}.json
+    [ -f "$out" ] && continue
+    python -m onestage eval --checkpoint "$path" --device cpu --no-progress --batch-size 1 --model-set nms=$nms --json "$out.tmp" && mv "$out.tmp" "$out"
+  done
+done
