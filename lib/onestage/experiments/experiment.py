@@ -88,7 +88,11 @@ def head_output_mib(model, image) -> Optional[float]:
 
     The memory argument of Decoupled SOLO (paper §4) is about these outputs: S² mask maps per level (vanilla) vs
     S + S (decoupled). Measured, not computed: a forward hook sums the bytes of the head's actual outputs.
+    ``SOLO.forward`` asks its vanilla head for the S² channels it reads only (``dense_masks=False``); the memory
+    argument is about the dense head of the paper, so a pre-hook asks for the dense outputs while measuring.
     """
+    import inspect
+
     import torch
 
     head = getattr(model, "head", None)
@@ -96,14 +100,18 @@ def head_output_mib(model, image) -> Optional[float]:
         return None
     device = next(model.parameters()).device
     seen = []
-    handle = head.register_forward_hook(lambda _m, _inp, out: seen.append(_tensor_bytes(out)))
+    handles = [head.register_forward_hook(lambda _m, _inp, out: seen.append(_tensor_bytes(out)))]
+    if "dense_masks" in inspect.signature(head.forward).parameters:
+        handles.append(head.register_forward_pre_hook(
+            lambda _m, args, kwargs: (args, {**kwargs, "dense_masks": True}), with_kwargs=True))
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             model([image.to(device)])
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
     return sum(seen) / 2**20 if seen else None
 
