@@ -60,6 +60,7 @@ __all__ = [
     "points_nms",
     "matrix_nms",
     "matrix_nms_decay",
+    "dynamic_masks",
     "solo_inference",
     "mask_branch_output_shapes",
     "mask_branch_memory",
@@ -478,16 +479,22 @@ class SOLOHead(nn.Module):
             return head_out.mask_logits[lvl][images, channels]
         feat = head_out.mask_feats[lvl]
         conv = self.mask_preds[lvl]
-        weight, bias = conv.weight.flatten(1), conv.bias
-        order = images.argsort(stable=True)
-        pieces, start = [], 0
-        for img, count in zip(*images[order].unique_consecutive(return_counts=True)):
-            k = channels[order[start : start + int(count)]]
-            # (n×E) @ (E×hw): a matmul per image instead of the S²-channel conv over the whole batch
-            pieces.append((weight[k].to(feat.dtype) @ feat[int(img)].flatten(1) + bias[k, None].to(feat.dtype)))
-            start += int(count)
-        out = torch.cat(pieces).view(-1, *feat.shape[-2:]) if pieces else feat.new_zeros(0, *feat.shape[-2:])
-        return out[order.argsort()]
+        weight, bias = conv.weight.flatten(1).to(feat.dtype), conv.bias.to(feat.dtype)
+        if images.numel() == 0:
+            return feat.new_zeros(0, *feat.shape[-2:])
+        # rows k of the 1×1 weight as kernels on each image's feature, instead of the S²-channel conv of the batch
+        groups = [(images == b).nonzero().squeeze(1) for b in images.unique().tolist()]
+        out = torch.cat([dynamic_masks(weight[channels[sel]], feat[int(images[sel[0]])])
+                         + bias[channels[sel], None, None] for sel in groups])
+        return out[torch.cat(groups).argsort()]
+
+
+def dynamic_masks(kernels: Tensor, mask_features: Tensor) -> Tensor:
+    """Mask logits ``N×H×W`` of ``N`` 1×1 kernels (``N×E``) on one image's mask feature (``E×H×W``): the
+    ``conv2d(F, G.view(N, E, 1, 1))`` of the paper, written as the equivalent matrix product. SOLO's vanilla head is the static case: row k of its last
+    1×1 weight is cell k's kernel (:meth:`SOLOHead.cell_mask_logits`)."""
+    e, h, w = mask_features.shape
+    return (kernels @ mask_features.reshape(e, h * w)).reshape(-1, h, w)
 
 
 def mask_branch_output_shapes(grid_numbers: Sequence[int], strides: Sequence[int], image_hw: Sequence[int],

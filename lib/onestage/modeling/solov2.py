@@ -15,7 +15,7 @@ lives in ``solo.py`` because the authors' code applies it to SOLO as well, and i
 1. ``SOLOv2Config`` — AdelaiDet ``MODEL.SOLOV2.*`` / WXinlong/SOLO SOLOv2 R50 defaults (REFERENCE §2.4, §2.5).
 2. ``SOLOv2InstanceHead`` — category + kernel branches (REFERENCE §3.4 "Instance branch").
 3. ``MaskFeatureBranch`` — the feature-unified mask branch (REFERENCE §3.4 "Feature-unified mask branch").
-4. ``dynamic_masks`` — kernels ∗ mask features.
+4. ``dynamic_masks`` (in :mod:`onestage.modeling.solo`, shared with SOLO's vanilla head) — kernels ∗ mask features.
 5. ``SOLOv2`` — the ``nn.Module``.
 
 Deliberate difference from AdelaiDet: ``pred_boxes`` there are all zeros (REFERENCE §3.4, issues #469, #633); ours
@@ -44,6 +44,7 @@ from onestage.modeling.solo import (
     cell_levels,
     conv_gn_relu,
     coord_features,
+    dynamic_masks,
     grid_targets,
     level_features,
     matrix_nms,
@@ -232,13 +233,6 @@ class MaskFeatureBranch(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # 4. Dynamic masks
 # ---------------------------------------------------------------------------------------------------------------
-
-def dynamic_masks(kernels: Tensor, mask_features: Tensor) -> Tensor:
-    """Mask logits ``N×H×W`` of ``N`` 1×1 kernels (``N×E``) on one image's mask feature (``E×H×W``): the
-    ``conv2d(F, G.view(N, E, 1, 1))`` of the paper, written as the equivalent matrix product."""
-    e, h, w = mask_features.shape
-    return (kernels @ mask_features.reshape(e, h * w)).reshape(-1, h, w)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # 5. The model
