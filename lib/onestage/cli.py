@@ -223,8 +223,7 @@ def cmd_eval(args) -> int:
     wall = time.perf_counter() - start
     title = f"COCO AP: {args.checkpoint} on {args.data} {args.split}"
     if overrides:
-        metrics["model_overrides"] = {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
-                                      for k, v in overrides.items()}
+        metrics["model_overrides"] = dict(overrides)  # scalars only: _replace_model_cfg checked them
         title += " with " + ", ".join(f"{k}={v!r}" for k, v in overrides.items())
     metrics["eval_wall_s"] = round(wall, 2)
     print(format_metrics({k: v for k, v in metrics.items() if isinstance(v, dict) and k != "model_overrides"},
