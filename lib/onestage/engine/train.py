@@ -60,6 +60,8 @@ __all__ = [
     "SeededDataset",
     "build_optimizer",
     "build_lr_lambda",
+    "autocast_policy",
+    "cpu_has_native_bf16",
     "seed_everything",
     "seed_worker",
     "collate",
@@ -245,6 +247,25 @@ def build_lr_lambda(cfg) -> Callable[[int], float]:
     return factor
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles); elsewhere bf16 autocast is emulated and
+    slower than fp32, so :func:`autocast_policy` stays in fp32."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(p()) for p in probes if p is not None)
+
+
+def autocast_policy(cfg, device) -> tuple[bool, torch.dtype]:
+    """``(enabled, dtype)`` of the training autocast: on CUDA ``cfg.amp`` (bf16 where supported, else fp16 with a
+    GradScaler); on CPU ``cfg.amp_cpu`` and only with native bf16 (:func:`cpu_has_native_bf16`), else fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        enabled = bool(cfg.amp)
+        return enabled, torch.bfloat16 if enabled and torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and getattr(cfg, "amp_cpu", False) and cpu_has_native_bf16():
+        return True, torch.bfloat16
+    return False, torch.float32
+
+
 # -------------------------------------------------------------------------------------------------- distributed
 @dataclasses.dataclass
 class _Dist:
@@ -328,9 +349,10 @@ def train(
     out_dir: os.PathLike,
     resume: bool = False,
     val_dataset: Optional[Dataset] = None,
-    progress: bool = True,
+    progress: bool | str = True,
     class_names: Optional[list] = None,
     device: Optional[torch.device | str] = None,
+    on_step: Optional[Callable[[int, nn.Module, float], Optional[bool]]] = None,
 ) -> dict:
     """Train ``model`` on ``dataset`` with ``train_cfg`` (:class:`onestage.config.TrainConfig`), writing to ``out_dir``.
 
@@ -339,18 +361,29 @@ def train(
     ``val_dataset``). ``resume=True`` continues from ``last.pt`` (and fails if there is none); without it an
     existing ``last.pt`` is an error rather than silently overwritten. Build the model *after* seeding if you need
     reproducible initial weights (the CLI does). Returns the summary dict (also written as ``summary.json``).
+
+    ``progress``: True shows a tqdm bar, ``"lines"`` prints one line per log record instead (what a notebook run
+    headless by papermill streams to the terminal, where a notebook's widget bar never arrives), False nothing.
+
+    ``on_step(iteration, model, train_time_s)``, if given, is called after every completed iteration, outside the
+    timed step (its time is not training time): e.g. the learning-curve benchmark evaluates the model there. It must
+    leave the model as it found it (``train()`` mode, same weights); returning True ends training there (``stopped``
+    = ``"on_step"``, checkpoints written as at any end). Single-process runs only.
     """
     cfg = train_cfg
     out = Path(out_dir)
     dd = _setup_distributed()
+    if on_step is not None and dd.enabled:
+        raise ValueError("on_step is for single-process training (a stop on rank 0 would leave the others waiting)")
     try:
-        return _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names, device, dd)
+        return _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names, device, dd, on_step)
     finally:
         if dd.created_group:
             dist.destroy_process_group()
 
 
-def _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names, device, dd: _Dist) -> dict:
+def _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names, device, dd: _Dist,
+           on_step=None) -> dict:
     if device is None:
         device = torch.device(f"cuda:{dd.local_rank}" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
@@ -382,9 +415,19 @@ def _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names,
 
     optimizer = build_optimizer(bare, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(cfg))
-    use_amp = bool(cfg.amp) and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    use_amp, amp_dtype = autocast_policy(cfg, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and device.type == "cuda" and amp_dtype == torch.float16)
+    cache = None
+    if getattr(cfg, "cache_features", False):
+        backbone = getattr(bare, "backbone", None)
+        if backbone is None or not hasattr(backbone, "attach_feature_cache"):
+            raise ValueError(f"cache_features: {type(bare).__name__} has no backbone with a feature cache")
+        directory = getattr(cfg, "feature_cache_dir", None)
+        if directory == "auto":  # beside the generated data sets, shared by every run on this machine
+            from onestage.data.synthetic import default_data_root
+
+            directory = default_data_root() / "feature_cache"
+        cache = backbone.attach_feature_cache(directory)
 
     iteration, train_time = 0, 0.0
     if ckpt is not None:
@@ -431,7 +474,8 @@ def _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names,
         return save_checkpoint(ck, path)
 
     bar = None
-    if progress and dd.main:
+    lines = progress == "lines" and dd.main
+    if progress and not lines and dd.main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.max_iters, initial=iteration, desc=f"train {getattr(bare, 'name', '')}".strip(),
@@ -494,12 +538,18 @@ def _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names,
                         rec["grad_norm"] = grad_norm
                     metrics_file.write(json.dumps(rec) + "\n")
                     metrics_file.flush()
+                    if lines:
+                        print(f"iteration {iteration}/{cfg.max_iters}  loss {mean['loss']:.3f}  lr {lr:.2e}  "
+                              f"{dt:.2f} s/it  {train_time:.0f} s of training", flush=True)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}",
                                 **({"t": f"{train_time:.0f}/{budget:.0f}s"} if budget else {}))
             if iteration % cfg.checkpoint_every == 0 and dd.main:
                 checkpoint(last_path, iteration)
+            if on_step is not None and dd.main and on_step(iteration, bare, train_time):
+                stopped = "on_step"
+                break
     except KeyboardInterrupt:
         if dd.main:
             if step_in_progress:
@@ -514,6 +564,8 @@ def _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names,
         if metrics_file is not None:
             metrics_file.close()
         del loader_iter  # shuts DataLoader workers down
+        if cache is not None:
+            bare.backbone.detach_feature_cache()
 
     if iteration > logged_iter and last_losses:  # e.g. stopped by the budget between log steps: log the last one
         mean = _mean_over_ranks(last_losses, dd, device)
@@ -538,13 +590,15 @@ def _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names,
         "last_losses": last_losses,
         "checkpoint": str(final_path),
         "world_size": dd.world_size,
+        "autocast": str(amp_dtype).replace("torch.", "") if use_amp else None,
+        "feature_cache": dict(cache.stats, memory_mib=round(cache.memory_bytes / 2**20, 1)) if cache else None,
         "metrics": None,
     }
     if dd.main:
         if val_dataset is not None:
             from onestage.engine.evaluate import evaluate
 
-            summary["metrics"] = evaluate(bare, val_dataset, progress=progress)
+            summary["metrics"] = evaluate(bare, val_dataset, progress=bool(progress) and not lines)
             (out / "eval.json").write_text(json.dumps(summary["metrics"], indent=2))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -49,7 +49,7 @@ from onestage.experiments.tables import PaperTable, TableError, list_tables, loa
 #: The parameter names the runner passes; the experiment notebook's ``parameters`` cell must define each of them.
 RUNNER_PARAMETERS = ("model", "preset", "data", "seed", "overrides", "train_overrides", "out_dir", "record_path",
                      "quick")
-PRESETS = ("cpu", "smoke", "paper")
+PRESETS = ("cpu", "fast", "smoke", "paper")
 DEFAULT_TIMEOUT_S = 4 * 3600
 TRACEBACK_LINES = 40
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

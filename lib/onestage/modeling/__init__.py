@@ -56,12 +56,24 @@ class _LazyRegistry(dict):
 MODELS = _LazyRegistry()
 
 
+#: Model presets defined for every model at once as (base preset, config overrides). ``fast``: the ``cpu`` preset with
+#: the stem and the first stage of the body frozen — ``freeze_at=2``, the papers' own default (detectron2's
+#: ``BACKBONE.FREEZE_AT``; the ``cpu`` preset trains everything) — capacity, not algorithm: every part the papers
+#: ablate sits above the backbone. A frozen prefix's output can be cached (:mod:`onestage.modeling.feature_cache`),
+#: which the ``fast`` training preset does.
+DERIVED_PRESETS = {"fast": ("cpu", {"freeze_at": 2})}
+
+
 def get_model_config(name: str, preset: str = "cpu", **overrides):
     """The config dataclass of model ``name`` at ``preset``, with keyword overrides (unknown names raise TypeError)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {sorted(MODELS)}")
     cfg_cls, _ = MODELS[name]
-    cfg = cfg_cls.preset(preset)
+    if preset in DERIVED_PRESETS:
+        base, derived = DERIVED_PRESETS[preset]
+        cfg = dataclasses.replace(cfg_cls.preset(base), **derived)
+    else:
+        cfg = cfg_cls.preset(preset)
     names = {f.name for f in dataclasses.fields(cfg)}
     unknown = sorted(set(overrides) - names)
     if unknown:

@@ -45,6 +45,8 @@ __all__ = [
     "Backbone",
     "build_backbone",
     "level_stride",
+    "run_stages",
+    "frozen_prefix_stages",
     "efficientnet_lite0_weights_path",
 ]
 
@@ -152,13 +154,49 @@ class ResNetBody(nn.Module):
             if freeze_at >= i:
                 setattr(self, name, _freeze(getattr(self, name)))
 
+    #: the output names of the four stages, in order (see :func:`run_stages`)
+    stage_names = ("res2", "res3", "res4", "res5")
+
+    def stage_modules(self, i: int) -> list:
+        """The modules of stage ``i`` (0 = stem + res2, ..., 3 = res5)."""
+        layers = [self.layer1, self.layer2, self.layer3, self.layer4]
+        return [self.conv1, self.bn1, self.layer1] if i == 0 else [layers[i]]
+
+    def forward_stage(self, i: int, x: Tensor) -> Tensor:
+        if i == 0:
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return [self.layer1, self.layer2, self.layer3, self.layer4][i](x)
+
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        out = OrderedDict()
-        for i, layer in enumerate([self.layer1, self.layer2, self.layer3, self.layer4], start=2):
-            x = layer(x)
-            out[f"res{i}"] = x
-        return out
+        return run_stages(self, x)
+
+
+def run_stages(body: nn.Module, x, start: int = 0, stop: Optional[int] = None) -> "OrderedDict[str, Tensor]":
+    """Run a body's stages ``start .. stop - 1`` and return every stage output so far, by name.
+
+    ``x`` is the image batch when ``start == 0``, else the dict of the outputs of stages ``0 .. start - 1`` (only the
+    last one is read to continue; the others are passed through). Bodies define ``stage_names``,
+    ``forward_stage(i, x)`` and ``stage_modules(i)``; ``body(x)`` is ``run_stages(body, x)``. Splitting the body this
+    way lets :class:`Backbone` serve a frozen prefix of stages from its feature cache and run the rest."""
+    names = body.stage_names
+    stop = len(names) if stop is None else stop
+    out = OrderedDict() if start == 0 else OrderedDict(x)
+    y = x if start == 0 else out[names[start - 1]]
+    for i in range(start, stop):
+        y = body.forward_stage(i, y)
+        out[names[i]] = y
+    return out
+
+
+def frozen_prefix_stages(body: nn.Module) -> int:
+    """How many leading stages of ``body`` are frozen (no trainable parameter, no BatchNorm in training mode): the
+    part whose output a feature cache may keep (``freeze_at=2`` → 1: stem + res2, ..., 5 → 4: the whole body)."""
+    from onestage.modeling.feature_cache import body_is_frozen
+
+    n = 0
+    while n < len(body.stage_names) and body_is_frozen(nn.ModuleList(body.stage_modules(n))):
+        n += 1
+    return n
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,15 +313,26 @@ class EfficientNetLite0Body(nn.Module):
             for i in range(last[min(freeze_at, 5)] + 1):
                 self._blocks[i] = _freeze(self._blocks[i])
 
+    stage_names = ("res2", "res3", "res4", "res5")
+
+    def _stage_blocks(self, i: int) -> range:
+        ends = [self._taps[n] for n in self.stage_names]
+        return range(0 if i == 0 else ends[i - 1] + 1, ends[i] + 1)
+
+    def stage_modules(self, i: int) -> list:
+        """The modules of stage ``i`` (0 = stem + blocks up to the stride-4 tap, ..., 3 = up to res5)."""
+        blocks = [self._blocks[j] for j in self._stage_blocks(i)]
+        return ([self._conv_stem, self._bn0] if i == 0 else []) + blocks
+
+    def forward_stage(self, i: int, x: Tensor) -> Tensor:
+        if i == 0:
+            x = F.relu6(self._bn0(self._conv_stem(x)))
+        for j in self._stage_blocks(i):
+            x = self._blocks[j](x)
+        return x
+
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
-        x = F.relu6(self._bn0(self._conv_stem(x)))
-        out = OrderedDict()
-        inv = {v: k for k, v in self._taps.items()}
-        for i, block in enumerate(self._blocks):
-            x = block(x)
-            if i in inv:
-                out[inv[i]] = x
-        return out
+        return run_stages(self, x)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,9 +435,41 @@ class Backbone(nn.Module):
         self.out_channels = out_channels
         self.strides = list(self.fpn.strides)
         self.levels = tuple(self.fpn.levels)
+        #: a :class:`onestage.modeling.feature_cache.BodyFeatureCache` (see :meth:`attach_feature_cache`) or None
+        self.feature_cache = None
+
+    def attach_feature_cache(self, directory=None, max_memory_bytes: int = 4 * 2**30):
+        """Serve the frozen leading stages of the body (:func:`frozen_prefix_stages`; ``freeze_at=2``, the papers'
+        default, freezes stem + res2) from a cache keyed by the input pixels, and run the trainable rest; returns
+        the cache. Kept per image: the prefix's last output (the rest starts from it) and the prefix outputs the FPN
+        reads. ``detach_feature_cache`` goes back to the plain path."""
+        from onestage.modeling.feature_cache import BodyFeatureCache
+
+        n = frozen_prefix_stages(self.body)
+        if n == 0:
+            raise ValueError("the feature cache needs a frozen prefix of the backbone body: build the model with "
+                             "freeze_at >= 2 (the 'fast' preset does), or turn cache_features off")
+        names = self.body.stage_names
+        keep = {names[n - 1]} | {f"res{k}" for k in self.fpn.body_levels if f"res{k}" in names[:n]}
+        self.feature_cache = BodyFeatureCache(sorted(keep), directory, max_memory_bytes)
+        self._cached_stages = n
+        return self.feature_cache
+
+    def detach_feature_cache(self) -> None:
+        self.feature_cache = None
+
+    def body_features(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        """The body's outputs for the normalised batch ``x``; with a feature cache attached, the frozen prefix's
+        outputs come from it and only the trainable stages run."""
+        if self.feature_cache is None:
+            return self.body(x)
+        n = self._cached_stages
+        prefix = nn.ModuleList([m for i in range(n) for m in self.body.stage_modules(i)])
+        feats = self.feature_cache(prefix, lambda t: run_stages(self.body, t, 0, n), x)
+        return run_stages(self.body, feats, n)
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
-        return self.fpn(self.body(x))
+        return self.fpn(self.body_features(x))
 
 
 def build_backbone(cfg) -> Backbone:
