@@ -366,9 +366,108 @@ def cmd_quickstart(args) -> int:
 BENCH_TARGETS = ("fcos", "condinst", "blendmask", "solov2", "solo", "decoupled_solo", "mask-heads", "nms", "kernels")
 
 
+def _write_json_atomic(path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+def cmd_bench_train(args) -> int:
+    """``bench train``: where a training iteration's time goes, per model × preset × thread count."""
+    from onestage import bench_train
+
+    models = args.models or list(bench_train.BENCH_TRAIN_MODELS)
+    unknown = [p for p in args.train_presets if p not in _train_presets()]
+    if unknown:
+        raise UserError(f"unknown training preset(s) {unknown}; choose from {', '.join(_train_presets())}")
+    results = []
+    for model in models:
+        if model not in bench_train.BENCH_TRAIN_MODELS:
+            raise UserError(f"unknown model {model!r}; choose from {', '.join(bench_train.BENCH_TRAIN_MODELS)}")
+        for preset in args.train_presets:
+            for threads in args.threads:
+                r = bench_train.time_training_step(model, preset, threads=threads, steps=args.repeats,
+                                                   warmup=args.warmup)
+                results.append(r)
+                print(bench_train.format_training_steps([r]).splitlines()[-1], flush=True)
+                if args.json:  # after every row: an interrupted benchmark keeps what it measured
+                    _write_json_atomic(args.json, results)
+    print(bench_train.format_training_steps(results))
+    return 0
+
+
+def _train_presets():
+    from onestage.config import TRAIN_PRESETS
+
+    return TRAIN_PRESETS
+
+
+#: ``bench regimes``: the quality each model is timed to (issue targets: CondInst 30 mask AP, FCOS 35 box AP).
+REGIME_TARGETS = {"fcos": ("bbox", 35.0), "condinst": ("segm", 30.0), "blendmask": ("segm", 30.0),
+                  "solov2": ("segm", 30.0), "solo": ("segm", 20.0), "decoupled_solo": ("segm", 20.0)}
+
+
+def cmd_bench_regimes(args) -> int:
+    """``bench regimes``: training seconds to a target AP, for each training preset, in one run."""
+    from onestage import bench_train
+
+    results = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else []
+    done = {(r["model"], r["preset"]) for r in results}
+    for model in args.models or ["fcos", "condinst"]:
+        if model not in REGIME_TARGETS:
+            raise UserError(f"unknown model {model!r}; choose from {', '.join(REGIME_TARGETS)}")
+        metric, target = REGIME_TARGETS[model]
+        unknown = [p for p in args.train_presets if p.partition(":")[0] not in _train_presets()]
+        if unknown:
+            raise UserError(f"unknown training preset(s) {unknown}; choose from {', '.join(_train_presets())}")
+        if args.target is not None:
+            target = args.target
+        for preset in args.train_presets:
+            if (model, preset) in done:
+                print(f"[{model} {preset}: already in {args.json}, skipped]")
+                continue
+            import shutil
+
+            out = Path(args.runs) / f"{model}-{preset.replace(':', '-')}"
+            if out.exists():
+                shutil.rmtree(out)  # a half-finished timing run cannot be resumed into a clean measurement
+            # "P:warm" reads the feature cache that the cold run of P (listed before it) filled, as a table's later
+            # runs do; a cold run starts from an empty folder
+            base, _, warm = preset.partition(":")
+            if warm not in ("", "warm"):
+                raise UserError(f"unknown preset qualifier {preset!r}; use PRESET or PRESET:warm")
+            cache_dir = Path(args.runs) / f"feature_cache-{model}-{base}"
+            if not warm and cache_dir.exists():
+                shutil.rmtree(cache_dir)
+            if warm and not cache_dir.is_dir():
+                raise UserError(f"{preset}: no filled cache in {cache_dir}; list {base} before {preset}")
+            r = bench_train.time_to_quality(model, base, metric, target, out, max_iters=args.max_iters,
+                                            eval_every=args.eval_every, threads=args.threads[0],
+                                            feature_cache_dir=str(cache_dir))
+            r["preset"], r["cache"] = preset, "warm" if warm else "cold"
+            results.append(r)
+            reached = r["reached"]
+            print(f"== {model} {preset}: " + (f"{metric} AP {reached[metric + '_AP']} >= {target} after "
+                                               f"{reached['iter']} iterations, {reached['train_time_s']:.0f} s"
+                                               if reached else f"{target} {metric} AP not reached in "
+                                               f"{r['iterations']} iterations ({r['train_time_s']:.0f} s)"),
+                  flush=True)
+            if args.json:
+                _write_json_atomic(args.json, results)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from onestage import bench
 
+    if list(args.targets) == ["train"]:
+        return cmd_bench_train(args)
+    if list(args.targets) == ["regimes"]:
+        return cmd_bench_regimes(args)
+    if "train" in args.targets or "regimes" in args.targets:
+        raise UserError("'bench train' and 'bench regimes' take no other target")
     targets = list(args.targets) or ["fcos", "condinst", "blendmask", "solov2", "mask-heads", "nms"]
     if "all" in targets:
         targets = list(BENCH_TARGETS)
@@ -437,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a model; writes last.pt/final.pt, metrics.jsonl, summary.json to --out. "
                                    "Under torchrun the run is distributed (DDP) automatically.")
     t.add_argument("--model", default="fcos", help="model name (see onestage.available_models())")
-    t.add_argument("--preset", default="cpu", choices=["paper", "cpu", "smoke"],
+    t.add_argument("--preset", default="cpu", choices=["paper", "cpu", "fast", "smoke"],
                    help="model capacity and training schedule preset")
     t.add_argument("--data", default="synthetic", help=DATA_HELP)
     t.add_argument("--out", default=None, help="run folder (default: runs/MODEL-PRESET-TIMESTAMP)")
@@ -539,14 +638,28 @@ def build_parser() -> argparse.ArgumentParser:
                                    "'kernels': the GPU kernels vs their "
                                    "PyTorch references (needs CUDA).")
     b.add_argument("targets", nargs="*", metavar="TARGET",
-                   help=f"what to time: {', '.join(BENCH_TARGETS)} or all (default: every model, mask-heads and nms)")
+                   help=f"what to time: {', '.join(BENCH_TARGETS)} or all (default: every model, mask-heads and "
+                        "nms); or 'train' alone (a training step's parts per model, preset and thread count) or "
+                        "'regimes' alone (training seconds to a target AP per preset)")
     b.add_argument("--size", type=int, default=512, help="square input side in pixels")
     b.add_argument("--repeats", type=int, default=10, help="timed runs (the median is reported)")
     b.add_argument("--warmup", type=int, default=3, help="untimed runs first")
-    b.add_argument("--preset", default="paper", choices=["paper", "cpu", "smoke"],
+    b.add_argument("--preset", default="paper", choices=["paper", "cpu", "fast", "smoke"],
                    help="our model's preset (paper = R50-FPN like torchvision's)")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     b.add_argument("--json", default=None, help="also write the results (keyed by target) to this JSON file")
+    tb = b.add_argument_group("bench train / bench regimes (training speed)")
+    tb.add_argument("--models", nargs="+", default=None, help="models to time (train: all six; regimes: fcos condinst)")
+    tb.add_argument("--train-presets", nargs="+", default=["cpu", "fast"],
+                    help="training presets to compare (regimes also takes PRESET:warm, a run reading the feature "
+                         "cache the PRESET run before it filled)")
+    tb.add_argument("--threads", nargs="+", type=int, default=[1, 2],
+                    help="torch thread counts (train: each; regimes: the first)")
+    tb.add_argument("--max-iters", type=int, default=None, help="regimes: override the presets' schedule length")
+    tb.add_argument("--eval-every", type=int, default=50, help="regimes: evaluate every this many iterations")
+    tb.add_argument("--target", type=float, default=None,
+                    help="regimes: the AP to reach (default: FCOS 35 box AP, mask models 30 mask AP)")
+    tb.add_argument("--runs", default="runs/bench_regimes", help="regimes: where the training runs go")
     b.set_defaults(func=cmd_bench)
 
     from onestage.experiments import runner
