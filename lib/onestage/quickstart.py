@@ -45,7 +45,7 @@ def run_quickstart(model: str = "fcos", out: Optional[Path] = None, use_checkpoi
                    html: bool = True) -> dict:
     """Execute the quickstart notebook for ``model`` into ``out`` (default ``runs/demo-<time>``).
 
-    ``parameters`` override the notebook's other parameters (``train_iters``, ``train_minutes``, ``eval_images``).
+    ``parameters`` override the notebook's other parameters (``train_iters``, ``eval_images``).
     ``log_output`` streams the cells' output to the log as they run. Returns ``out_dir``, ``notebook`` and ``html``
     (paths), ``metrics`` (``{"bbox": {...}, "segm": {...}}``) and ``table`` (the COCO table the notebook printed).
     When a cell fails, the partly executed notebook and its HTML are still written, then the error is raised."""

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# How the numbers in README.md were made (repository root, the project's venv, nothing else running).
+set -euo pipefail
+# time to a quality: each model at each regime, evaluated every 50 iterations until its target (resumable: finished
+# model × preset pairs in the JSON are skipped) -> regimes.json
+python -m onestage bench regimes --models fcos condinst --train-presets cpu fast fast:warm --threads 2 \
+    --eval-every 50 --json data/results/bench_train/regimes.json --runs runs/bench_regimes
+# the two `bench train` rows of the lever table (median of 3 steps after 1 warm-up); the full matrix
+# (all six models, --threads 1 2) was not run in this session
+python -m onestage bench train --models fcos --train-presets cpu --threads 2 --repeats 3 --warmup 1
+python -m onestage bench train --models fcos condinst --train-presets fast --threads 2 --repeats 3 --warmup 1
