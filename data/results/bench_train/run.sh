@@ -5,7 +5,9 @@ set -euo pipefail
 # model × preset pairs in the JSON are skipped) -> regimes.json
 python -m onestage bench regimes --models fcos condinst --train-presets cpu fast fast:warm --threads 2 \
     --eval-every 50 --json data/results/bench_train/regimes.json --runs runs/bench_regimes
-# the two `bench train` rows of the lever table (median of 3 steps after 1 warm-up); the full matrix
-# (all six models, --threads 1 2) was not run in this session
+# the two `bench train` rows of the lever table (median of 3 steps after 1 warm-up)
 python -m onestage bench train --models fcos --train-presets cpu --threads 2 --repeats 3 --warmup 1
 python -m onestage bench train --models fcos condinst --train-presets fast --threads 2 --repeats 3 --warmup 1
+# the full matrix: six models x both presets x 1 and 2 threads -> steps.json, steps.md (table printed at the end)
+python -m onestage bench train --train-presets cpu fast --threads 1 2 --repeats 3 --warmup 1 \
+    --json data/results/bench_train/steps.json
