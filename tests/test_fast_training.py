@@ -270,3 +270,12 @@ def test_time_to_quality_stops_at_the_target_and_records_the_curve(tmp_path):
                             data=f"synthetic:{root}", progress=False, num_workers=0)
     assert never["reached"] is None and [c["iter"] for c in never["curve"]] == [2, 4]
     json.dumps(never)  # the record is JSON
+
+
+def test_bench_train_and_regimes_refuse_unknown_presets(capsys):
+    from onestage.cli import main
+
+    assert main(["bench", "train", "--models", "fcos", "--train-presets", "nope"]) == 2
+    assert "unknown training preset(s) ['nope']" in capsys.readouterr().err
+    assert main(["bench", "regimes", "--models", "fcos", "--train-presets", "cpu", "nope:warm"]) == 2
+    assert "unknown training preset(s) ['nope:warm']" in capsys.readouterr().err

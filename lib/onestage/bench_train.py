@@ -7,11 +7,11 @@ autocast policy and feature cache, its training input size and batch) and splits
 * **forward**, split into **backbone** (body + FPN: ``backbone_body``, ``backbone_fpn``), **heads** (every other
   top-level module of the model: FCOS head, controller, mask branch, bases, ...) and **loss** (the rest of the
   forward: target assignment, the losses themselves, CondInst's dynamic heads, SOLO's per-cell masks);
-* **backward**, split the same way by module backward hooks: a module's share is the span from the moment the
-  gradient of its output is ready to the moment the gradient of its input is; the body's share is what is left
-  after the FPN's gradient reached it (zero for a frozen body), and ``loss`` is the remainder (autograd work in the
-  loss, dynamic heads and everything not inside a module). Where autograd interleaves modules the split is
-  approximate; the totals are exact wall times;
+* **backward**, split the same way by gradient hooks on each module's input and output tensors: a module's share
+  is the span from the first gradient arriving at its outputs to the last arriving at its inputs; the body's share
+  is what is left after the gradient reached the FPN's inputs (zero for a frozen body), and ``loss`` is the
+  remainder (autograd work in the loss, dynamic heads and everything not inside a module), clamped at 0. Where
+  autograd interleaves modules the spans overlap and the split is approximate; the totals are exact wall times;
 * **optimizer**: gradient clipping + ``optimizer.step()``.
 
 The same batch is used for every timed step after ``warmup`` untimed ones, so a preset with ``cache_features``
@@ -22,7 +22,6 @@ lever that decides whether a step takes 1.5 s or 15 s. No timed assertions anywh
 """
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from collections import defaultdict
@@ -33,7 +32,6 @@ import torch
 __all__ = ["time_training_step", "format_training_steps", "BENCH_TRAIN_MODELS"]
 
 BENCH_TRAIN_MODELS = ("fcos", "condinst", "blendmask", "solo", "decoupled_solo", "solov2")
-_PARTS = ("data", "forward", "backward", "optimizer")
 
 
 def _tensors(obj) -> list:
@@ -101,17 +99,6 @@ def _split_modules(model) -> dict:
     return parts
 
 
-@contextlib.contextmanager
-def _threads(n: Optional[int]):
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def time_training_step(model_name: str, preset: str = "cpu", threads: Optional[int] = None, steps: int = 3,
                        warmup: int = 1, data: str = "synthetic", seed: int = 0, device: str = "cpu",
                        model_overrides: Optional[dict] = None, **train_overrides) -> dict:
@@ -119,15 +106,16 @@ def time_training_step(model_name: str, preset: str = "cpu", threads: Optional[i
     import onestage
     from onestage.config import get_train_config
     from onestage.data import get_dataset
-    from onestage.engine.train import (SeededDataset, _sample_seed, autocast_policy, build_optimizer, collate,
-                                       seed_everything)
+    from onestage.engine.train import (InfiniteBatchSampler, SeededDataset, _to_device, autocast_policy,
+                                       build_optimizer, collate, seed_everything, torch_threads)
 
     cfg = get_train_config(preset, **train_overrides)
     dev = torch.device(device)
     ds = get_dataset(data, split="train", train=True, min_size=cfg.min_size, max_size=cfg.max_size,
                      flip_prob=cfg.flip_prob, skip_empty=True)
     seeded = SeededDataset(ds)
-    with _threads(threads):
+    sampler = InfiniteBatchSampler(len(ds), cfg.batch_size, seed)  # the training loop's data order
+    with torch_threads(threads):
         seed_everything(seed)
         model = onestage.build_model(model_name, preset=preset, num_classes=ds.num_classes,
                                      **(model_overrides or {})).to(dev).train()
@@ -137,14 +125,12 @@ def time_training_step(model_name: str, preset: str = "cpu", threads: Optional[i
         body_trains = any(p.requires_grad for p in model.backbone.body.parameters())
         timer = _PartTimer(_split_modules(model))
 
-        def load(batch_index: int):
-            b = cfg.batch_size
-            items = [(i % len(ds), _sample_seed(seed, i)) for i in range(batch_index * b, (batch_index + 1) * b)]
-            return collate([seeded[it] for it in items])
+        def load(iteration: int):
+            return collate([seeded[item] for item in sampler.batch(iteration)])
 
         images, targets = load(0)
         images = [im.to(dev) for im in images]
-        targets = [{k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+        targets = _to_device(targets, dev)
         records, first = [], None
         for step in range(warmup + steps):
             t0 = time.perf_counter()
@@ -228,7 +214,7 @@ def time_to_quality(model_name: str, preset: str, metric: str, target_ap: float,
     from onestage.config import get_train_config
     from onestage.data import get_dataset
     from onestage.engine.evaluate import evaluate
-    from onestage.engine.train import seed_everything, train
+    from onestage.engine.train import seed_everything, torch_threads, train
 
     if metric not in ("bbox", "segm"):
         raise ValueError(f"metric must be 'bbox' or 'segm', got {metric!r}")
@@ -264,7 +250,7 @@ def time_to_quality(model_name: str, preset: str, metric: str, target_ap: float,
             return True
         return False
 
-    with _threads(threads):
+    with torch_threads(threads):
         seed_everything(cfg.seed)
         net = onestage.build_model(model_name, preset=preset, num_classes=train_ds.num_classes,
                                    **(model_overrides or {}))

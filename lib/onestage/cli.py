@@ -366,22 +366,13 @@ def cmd_quickstart(args) -> int:
 BENCH_TARGETS = ("fcos", "condinst", "blendmask", "solov2", "solo", "decoupled_solo", "mask-heads", "nms", "kernels")
 
 
-def _write_json_atomic(path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
-
-
 def cmd_bench_train(args) -> int:
     """``bench train``: where a training iteration's time goes, per model × preset × thread count."""
     from onestage import bench_train
+    from onestage.experiments.records import write_json_atomic
 
     models = args.models or list(bench_train.BENCH_TRAIN_MODELS)
-    unknown = [p for p in args.train_presets if p not in _train_presets()]
-    if unknown:
-        raise UserError(f"unknown training preset(s) {unknown}; choose from {', '.join(_train_presets())}")
+    _check_train_presets(args.train_presets)
     results = []
     for model in models:
         if model not in bench_train.BENCH_TRAIN_MODELS:
@@ -393,15 +384,18 @@ def cmd_bench_train(args) -> int:
                 results.append(r)
                 print(bench_train.format_training_steps([r]).splitlines()[-1], flush=True)
                 if args.json:  # after every row: an interrupted benchmark keeps what it measured
-                    _write_json_atomic(args.json, results)
+                    write_json_atomic(args.json, results)
     print(bench_train.format_training_steps(results))
     return 0
 
 
-def _train_presets():
+def _check_train_presets(names) -> None:
+    """Each of ``names`` (``PRESET`` or ``PRESET:QUALIFIER``) names a training preset, else a UserError."""
     from onestage.config import TRAIN_PRESETS
 
-    return TRAIN_PRESETS
+    unknown = [p for p in names if p.partition(":")[0] not in TRAIN_PRESETS]
+    if unknown:
+        raise UserError(f"unknown training preset(s) {unknown}; choose from {', '.join(TRAIN_PRESETS)}")
 
 
 #: ``bench regimes``: the quality each model is timed to (issue targets: CondInst 30 mask AP, FCOS 35 box AP).
@@ -411,25 +405,24 @@ REGIME_TARGETS = {"fcos": ("bbox", 35.0), "condinst": ("segm", 30.0), "blendmask
 
 def cmd_bench_regimes(args) -> int:
     """``bench regimes``: training seconds to a target AP, for each training preset, in one run."""
-    from onestage import bench_train
+    import shutil
 
+    from onestage import bench_train
+    from onestage.experiments.records import write_json_atomic
+
+    _check_train_presets(args.train_presets)
     results = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else []
     done = {(r["model"], r["preset"]) for r in results}
     for model in args.models or ["fcos", "condinst"]:
         if model not in REGIME_TARGETS:
             raise UserError(f"unknown model {model!r}; choose from {', '.join(REGIME_TARGETS)}")
         metric, target = REGIME_TARGETS[model]
-        unknown = [p for p in args.train_presets if p.partition(":")[0] not in _train_presets()]
-        if unknown:
-            raise UserError(f"unknown training preset(s) {unknown}; choose from {', '.join(_train_presets())}")
         if args.target is not None:
             target = args.target
         for preset in args.train_presets:
             if (model, preset) in done:
                 print(f"[{model} {preset}: already in {args.json}, skipped]")
                 continue
-            import shutil
-
             out = Path(args.runs) / f"{model}-{preset.replace(':', '-')}"
             if out.exists():
                 shutil.rmtree(out)  # a half-finished timing run cannot be resumed into a clean measurement
@@ -455,7 +448,7 @@ def cmd_bench_regimes(args) -> int:
                                                f"{r['iterations']} iterations ({r['train_time_s']:.0f} s)"),
                   flush=True)
             if args.json:
-                _write_json_atomic(args.json, results)
+                write_json_atomic(args.json, results)
     return 0
 
 

@@ -261,7 +261,7 @@ def autocast_policy(cfg, device) -> tuple[bool, torch.dtype]:
     if device.type == "cuda":
         enabled = bool(cfg.amp)
         return enabled, torch.bfloat16 if enabled and torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and getattr(cfg, "amp_cpu", False) and cpu_has_native_bf16():
+    if device.type == "cpu" and cfg.amp_cpu and cpu_has_native_bf16():
         return True, torch.bfloat16
     return False, torch.float32
 
@@ -418,11 +418,11 @@ def _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names,
     use_amp, amp_dtype = autocast_policy(cfg, device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and device.type == "cuda" and amp_dtype == torch.float16)
     cache = None
-    if getattr(cfg, "cache_features", False):
+    if cfg.cache_features:
         backbone = getattr(bare, "backbone", None)
         if backbone is None or not hasattr(backbone, "attach_feature_cache"):
             raise ValueError(f"cache_features: {type(bare).__name__} has no backbone with a feature cache")
-        directory = getattr(cfg, "feature_cache_dir", None)
+        directory = cfg.feature_cache_dir
         if directory == "auto":  # beside the generated data sets, shared by every run on this machine
             from onestage.data.synthetic import default_data_root
 

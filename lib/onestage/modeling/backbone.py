@@ -37,6 +37,8 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from onestage.modeling.feature_cache import BodyFeatureCache, body_is_frozen
+
 __all__ = [
     "EFFICIENTNET_LITE0_WHEEL",
     "ResNetBody",
@@ -191,8 +193,6 @@ def run_stages(body: nn.Module, x, start: int = 0, stop: Optional[int] = None) -
 def frozen_prefix_stages(body: nn.Module) -> int:
     """How many leading stages of ``body`` are frozen (no trainable parameter, no BatchNorm in training mode): the
     part whose output a feature cache may keep (``freeze_at=2`` → 1: stem + res2, ..., 5 → 4: the whole body)."""
-    from onestage.modeling.feature_cache import body_is_frozen
-
     n = 0
     while n < len(body.stage_names) and body_is_frozen(nn.ModuleList(body.stage_modules(n))):
         n += 1
@@ -443,8 +443,6 @@ class Backbone(nn.Module):
         default, freezes stem + res2) from a cache keyed by the input pixels, and run the trainable rest; returns
         the cache. Kept per image: the prefix's last output (the rest starts from it) and the prefix outputs the FPN
         reads. ``detach_feature_cache`` goes back to the plain path."""
-        from onestage.modeling.feature_cache import BodyFeatureCache
-
         n = frozen_prefix_stages(self.body)
         if n == 0:
             raise ValueError("the feature cache needs a frozen prefix of the backbone body: build the model with "
@@ -453,6 +451,9 @@ class Backbone(nn.Module):
         keep = {names[n - 1]} | {f"res{k}" for k in self.fpn.body_levels if f"res{k}" in names[:n]}
         self.feature_cache = BodyFeatureCache(sorted(keep), directory, max_memory_bytes)
         self._cached_stages = n
+        # the modules the cache checks and fingerprints, gathered once; kept in a plain list so that they are not
+        # registered a second time as a submodule of the Backbone
+        self._cached_prefix = [nn.ModuleList([m for i in range(n) for m in self.body.stage_modules(i)])]
         return self.feature_cache
 
     def detach_feature_cache(self) -> None:
@@ -464,8 +465,7 @@ class Backbone(nn.Module):
         if self.feature_cache is None:
             return self.body(x)
         n = self._cached_stages
-        prefix = nn.ModuleList([m for i in range(n) for m in self.body.stage_modules(i)])
-        feats = self.feature_cache(prefix, lambda t: run_stages(self.body, t, 0, n), x)
+        feats = self.feature_cache(self._cached_prefix[0], lambda t: run_stages(self.body, t, 0, n), x)
         return run_stages(self.body, feats, n)
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":

@@ -136,6 +136,8 @@ class BodyFeatureCache:
 
     @staticmethod
     def _write(path: Path, entry: dict) -> None:
+        # not engine.checkpoint.atomic_torch_save: processes writing the same entry at once need a temporary file
+        # of their own (that one always writes path.tmp), and an entry that can be recomputed needs no fsync
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
         try:
