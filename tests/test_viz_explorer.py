@@ -59,26 +59,28 @@ def low_thresh_models():
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 def test_find_checkpoints_parses_model_preset_data(tmp_path):
-    for stem in ("fcos_cpu_synthetic", "decoupled_solo_cpu_synthetic", "condinst_cpu_nuclei",
-                 "solov2_smoke_synthetic", "notes"):
+    for stem in ("fcos_fast_synthetic", "decoupled_solo_fast_synthetic", "condinst_cpu_nuclei",
+                 "condinst_cpu_synthetic", "solov2_smoke_synthetic", "notes"):
         (tmp_path / f"{stem}.pt").write_bytes(b"")
-    (tmp_path / "fcos_cpu_synthetic.pt.json").write_text("{}")
-    assert find_checkpoints(tmp_path) == {"decoupled_solo": tmp_path / "decoupled_solo_cpu_synthetic.pt",
-                                          "fcos": tmp_path / "fcos_cpu_synthetic.pt"}
-    assert list(find_checkpoints(tmp_path, data="nuclei")) == ["condinst"]
-    assert list(find_checkpoints(tmp_path, data=None)) == ["condinst_cpu_nuclei", "decoupled_solo_cpu_synthetic",
-                                                           "fcos_cpu_synthetic"]
+    (tmp_path / "fcos_fast_synthetic.pt.json").write_text("{}")
+    assert find_checkpoints(tmp_path) == {"decoupled_solo": tmp_path / "decoupled_solo_fast_synthetic.pt",
+                                          "fcos": tmp_path / "fcos_fast_synthetic.pt"}
+    assert list(find_checkpoints(tmp_path, data="nuclei", preset="cpu")) == ["condinst"]
+    assert list(find_checkpoints(tmp_path, data=None)) == ["decoupled_solo_fast_synthetic", "fcos_fast_synthetic"]
+    assert list(find_checkpoints(tmp_path, data=None, preset=None)) == [
+        "condinst_cpu_nuclei", "condinst_cpu_synthetic", "decoupled_solo_fast_synthetic", "fcos_fast_synthetic",
+        "solov2_smoke_synthetic"]
 
 
 def test_load_models_uses_the_checkpoint_else_an_untrained_smoke_model(tmp_path, images):
     trained = _smoke("fcos")
     with torch.no_grad():
         trained.head.cls_logits.bias.fill_(1.5)  # a recognisable weight
-    path = tmp_path / "fcos_cpu_synthetic.pt"
+    path = tmp_path / "fcos_fast_synthetic.pt"
     save_checkpoint(make_checkpoint(trained, class_names=NAMES), path)
     models = load_models(["fcos", "condinst"], find_checkpoints(tmp_path), 3, NAMES)
     assert torch.equal(models["fcos"].head.cls_logits.bias, trained.head.cls_logits.bias)
-    assert "trained checkpoint fcos_cpu_synthetic.pt" in models["fcos"].source
+    assert "trained checkpoint fcos_fast_synthetic.pt" in models["fcos"].source
     assert "UNTRAINED smoke-preset" in models["condinst"].source
     assert models["condinst"].class_names == NAMES and models["condinst"].name == "condinst"
     assert not models["condinst"].training

@@ -105,14 +105,13 @@ def time_training_step(model_name: str, preset: str = "cpu", threads: Optional[i
     """Median seconds of each part of a training step of ``model_name`` at ``preset`` (see the module docstring)."""
     import onestage
     from onestage.config import get_train_config
-    from onestage.data import get_dataset
+    from onestage.data import dataset_for_config
     from onestage.engine.train import (InfiniteBatchSampler, SeededDataset, _to_device, autocast_policy,
                                        build_optimizer, collate, seed_everything, torch_threads)
 
     cfg = get_train_config(preset, **train_overrides)
     dev = torch.device(device)
-    ds = get_dataset(data, split="train", train=True, min_size=cfg.min_size, max_size=cfg.max_size,
-                     flip_prob=cfg.flip_prob, skip_empty=True)
+    ds = dataset_for_config(data, "train", cfg)
     seeded = SeededDataset(ds)
     sampler = InfiniteBatchSampler(len(ds), cfg.batch_size, seed)  # the training loop's data order
     with torch_threads(threads):
@@ -212,7 +211,7 @@ def time_to_quality(model_name: str, preset: str, metric: str, target_ap: float,
 
     import onestage
     from onestage.config import get_train_config
-    from onestage.data import get_dataset
+    from onestage.data import datasets_for_config
     from onestage.engine.evaluate import evaluate
     from onestage.engine.train import seed_everything, torch_threads, train
 
@@ -224,9 +223,7 @@ def time_to_quality(model_name: str, preset: str, metric: str, target_ap: float,
     if max_iters is not None:
         overrides["max_iters"] = max_iters
     cfg = get_train_config(preset, **overrides)
-    train_ds = get_dataset(data, split="train", train=True, min_size=cfg.min_size, max_size=cfg.max_size,
-                           flip_prob=cfg.flip_prob, skip_empty=True)
-    val_ds = get_dataset(data, split="val", train=False, min_size=(cfg.test_min_size,), max_size=cfg.test_max_size)
+    train_ds, val_ds = datasets_for_config(data, cfg)
     out = Path(out_dir)
     curve, reached = [], None
     t_start = time.time()

@@ -58,13 +58,10 @@ def _require_file(path, what: str) -> Path:
 
 def _dataset(spec: str, split: str, train_cfg, train: bool):
     """A dataset from a spec, resized per ``train_cfg`` (training sizes and flips for ``train``, test sizes else)."""
-    from onestage.data import get_dataset
+    from onestage.data import dataset_for_config
 
-    kwargs = dict(train=train, min_size=train_cfg.min_size if train else (train_cfg.test_min_size,),
-                  max_size=train_cfg.max_size if train else train_cfg.test_max_size,
-                  flip_prob=train_cfg.flip_prob if train else 0.0, skip_empty=train)
     try:
-        return get_dataset(spec, split, **kwargs)
+        return dataset_for_config(spec, split, train_cfg, train=train)
     except FileNotFoundError as e:
         raise UserError(f"data {spec!r}: {e}") from e
 
@@ -314,19 +311,26 @@ def cmd_demo(args) -> int:
 
 
 def cmd_checkpoints(args) -> int:
-    from onestage.engine.shipped import DEFAULT_MODELS, make_shipped_checkpoint
+    from onestage.engine.shipped import SHIPPED, make_shipped_checkpoint, recipe_for
 
-    pairs = [tuple(p.split("@", 1)) if "@" in p else (p, "synthetic") for p in args.which] or list(DEFAULT_MODELS)
+    pairs = [tuple(p.split("@", 1)) if "@" in p else (p, "synthetic") for p in args.which] or \
+        [(r.model, r.data) for r in SHIPPED]
     import onestage
 
     for model, _ in pairs:
         if model not in onestage.available_models():
             raise UserError(f"unknown model {model!r}; available: {', '.join(onestage.available_models())}")
+    _check_train_presets([args.preset] if args.preset else [])
     rows = []
     for model, data in pairs:
-        print(f"== {model} on {data} (cpu preset) -> {args.out}", file=sys.stderr, flush=True)
-        card = make_shipped_checkpoint(model, data, args.out, args.runs, time_budget_s=args.time_budget,
-                                       max_iters=args.max_iters, progress=not args.no_progress)
+        recipe = recipe_for(model, data)
+        preset = args.preset or (recipe.preset if recipe else "fast")
+        max_iters = args.max_iters if args.max_iters is not None else (
+            recipe.max_iters if recipe and recipe.preset == preset else None)
+        iters = f"{max_iters} iterations" if max_iters is not None else "the preset's schedule"
+        print(f"== {model} on {data} ({preset} preset, {iters}) -> {args.out}", file=sys.stderr, flush=True)
+        card = make_shipped_checkpoint(model, data, args.out, args.runs, preset=preset, time_budget_s=args.time_budget,
+                                       max_iters=max_iters, progress=not args.no_progress)
         seg = card["metrics_val"].get("segm", {}).get("AP")
         rows.append(f"| {model} | {data} | {card['iterations']} | {card['train_time_s']:.0f} | "
                     f"{card['metrics_val']['bbox']['AP']:.1f} | {'-' if seg is None else f'{seg:.1f}'} | "
@@ -594,16 +598,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("checkpoints", formatter_class=fmt, help="train and export the small shipped checkpoints",
-                       description="Train each model at the cpu preset (resuming an interrupted run in --runs), "
-                                   "evaluate on the val split and export fp16 model-only checkpoints with a JSON card "
-                                   "into --out (what data/checkpoints/ ships).")
+                       description="Train each model by its shipped recipe (onestage.engine.shipped.SHIPPED: preset "
+                                   "and iterations; resuming an interrupted run in --runs), evaluate on the val split "
+                                   "and export fp16 model-only checkpoints with a JSON card into --out (what "
+                                   "data/checkpoints/ ships).")
     c.add_argument("which", nargs="*", metavar="MODEL[@DATA]",
-                   help="e.g. condinst or condinst@nuclei (default: fcos, condinst, blendmask, solov2 on synthetic "
+                   help="e.g. condinst or condinst@nuclei (default: every shipped recipe: the six models on synthetic "
                         "and condinst on nuclei)")
+    c.add_argument("--preset", default=None,
+                   help="model + training preset (default: the recipe's, else fast); another preset than the "
+                        "recipe's also drops the recipe's iteration count")
     c.add_argument("--out", default="data/checkpoints", help="where the exported checkpoints and cards go")
     c.add_argument("--runs", default="runs/checkpoints", help="where the training runs live (resumable)")
     c.add_argument("--time-budget", type=float, default=None, help="seconds of training (default: the preset's)")
-    c.add_argument("--max-iters", type=int, default=None, help="override the preset's iterations")
+    c.add_argument("--max-iters", type=int, default=None, help="override the recipe's / preset's iterations")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_checkpoints)
 
@@ -613,7 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "export to --out; prints the COCO AP table.")
     q.add_argument("--model", default="fcos", help="fcos, condinst, blendmask, solov2 (onestage.available_models())")
     q.add_argument("--use-checkpoint", action="store_true",
-                   help="load data/checkpoints/MODEL_cpu_synthetic.pt instead of training (trains if it is missing)")
+                   help="load the shipped data/checkpoints/MODEL_fast_synthetic.pt instead of training (trains if it "
+                        "is missing)")
     q.add_argument("--quick", action="store_true", help="tiny data, smoke preset, a few iterations (tests)")
     q.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="another notebook parameter, e.g. -p train_iters 200 (repeatable)")

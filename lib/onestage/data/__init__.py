@@ -1,10 +1,11 @@
 """Datasets: a synthetic shape generator, a COCO-format reader, and real samples from installed wheels.
 
 Every source is materialised as COCO JSON + PNG and read by :class:`CocoDataset`, so training, evaluation
-(COCOeval) and the notebooks see one format. :func:`get_dataset` turns a short spec into a dataset::
+(COCOeval) and the notebooks see one format. :func:`get_dataset` turns a short spec into a dataset, and
+:func:`datasets_for_config` is the one place that sizes them for a training config (every training path uses it)::
 
-    get_dataset("synthetic", split="train", min_size=cfg.min_size, max_size=cfg.max_size)
-    get_dataset("synthetic", split="val", min_size=(cfg.test_min_size,), max_size=cfg.test_max_size)
+    train_ds, val_ds = datasets_for_config("synthetic", cfg)   # cfg: an onestage.config.TrainConfig
+    get_dataset("synthetic", split="val", min_size=(320,), max_size=352)   # any size, no config
 
 The heavy imports (torch, via :mod:`.coco`) are lazy so that the generator's worker processes start quickly.
 """
@@ -15,6 +16,8 @@ from typing import Optional, Sequence
 
 __all__ = [
     "get_dataset",
+    "dataset_for_config",
+    "datasets_for_config",
     "CocoDataset",
     "collate_fn",
     "pad_collate",
@@ -39,6 +42,29 @@ def __getattr__(name):
 
         return getattr(synthetic, name)
     raise AttributeError(f"module 'onestage.data' has no attribute {name!r}")
+
+
+def dataset_for_config(spec: str, split: str, train_cfg, train: Optional[bool] = None, **kwargs):
+    """The dataset of ``spec`` / ``split`` as a training config ``train_cfg`` wants it.
+
+    ``train`` (default ``split == "train"``): the config's multi-scale sizes, ``flip_prob`` and ``skip_empty=True``
+    (an image without a usable annotation teaches nothing); otherwise the single test size, no flips, every image
+    kept (COCOeval counts them). ``kwargs`` go to :func:`get_dataset` (e.g. ``root``, ``with_masks``)."""
+    if train is None:
+        train = split == "train"
+    if train:
+        sizes = dict(min_size=train_cfg.min_size, max_size=train_cfg.max_size, flip_prob=train_cfg.flip_prob,
+                     skip_empty=True)
+    else:
+        sizes = dict(min_size=(train_cfg.test_min_size,), max_size=train_cfg.test_max_size, flip_prob=0.0,
+                     skip_empty=False)
+    return get_dataset(spec, split, train=train, **{**sizes, **kwargs})
+
+
+def datasets_for_config(spec: str, train_cfg, **kwargs):
+    """``(train, val)`` datasets of ``spec`` for ``train_cfg`` (:func:`dataset_for_config` of each split)."""
+    return (dataset_for_config(spec, "train", train_cfg, **kwargs),
+            dataset_for_config(spec, "val", train_cfg, **kwargs))
 
 
 def get_dataset(

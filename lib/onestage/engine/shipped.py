@@ -1,9 +1,10 @@
 """The small trained checkpoints shipped in ``data/checkpoints/`` (``python -m onestage checkpoints``).
 
-Each is the ``cpu`` preset of one model trained on a dataset within the preset's time budget, evaluated with COCOeval
-on the dataset's val split, and exported model-only in fp16 with a JSON card beside it (config, data, iterations,
-wall time, metrics, git commit, machine). The training run itself stays in ``runs/checkpoints/<name>/``: an
-interrupted run resumes there, and a finished one is only re-evaluated and re-exported.
+:data:`SHIPPED` is the recipe of each: model, data, training preset and iteration count. A checkpoint is trained on
+the dataset's train split, evaluated with COCOeval on its val split, and exported model-only in fp16 with a JSON
+card beside it (recipe, config, data, iterations, wall time, metrics, git commit, machine, the command that remakes
+it). The training run itself stays in ``runs/checkpoints/<name>/``: an interrupted run resumes there, and a finished
+one is only re-evaluated and re-exported. Notebooks find a shipped file with :func:`shipped_checkpoint`.
 """
 from __future__ import annotations
 
@@ -12,21 +13,68 @@ import os
 import platform
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional
 
 from onestage.engine.checkpoint import export_model, git_commit
 
-__all__ = ["DEFAULT_MODELS", "MAX_CHECKPOINT_BYTES", "shipped_name", "make_shipped_checkpoint"]
+__all__ = ["SHIPPED", "ShippedRecipe", "MAX_CHECKPOINT_BYTES", "recipe_for", "shipped_name", "shipped_checkpoint",
+           "make_shipped_checkpoint"]
 
-#: What ``make checkpoints`` produces: (model, data) pairs.
-DEFAULT_MODELS = (("fcos", "synthetic"), ("condinst", "synthetic"), ("blendmask", "synthetic"),
-                  ("solov2", "synthetic"), ("condinst", "nuclei"))
+
+@dataclass(frozen=True)
+class ShippedRecipe:
+    """How one shipped checkpoint is made: ``preset`` names both the model preset and the training preset;
+    ``max_iters`` overrides the training preset's schedule length (the cosine schedule follows it), None keeps it."""
+
+    model: str
+    data: str
+    preset: str
+    max_iters: Optional[int] = None
+
+    @property
+    def name(self) -> str:
+        return shipped_name(self.model, self.data, self.preset)
+
+
+#: What ``make checkpoints`` makes and ``data/checkpoints/`` ships. The synthetic ones use the ``fast`` regime
+#: (frozen stem + first stage with cached features, bf16 where the CPU has it, 256-px training) with iteration
+#: counts sized to ~20 minutes of training on a 2-core CPU (data/results/bench_train/README.md); the nuclei CondInst
+#: is the ``cpu`` preset's 15-minute run.
+SHIPPED = (
+    ShippedRecipe("fcos", "synthetic", "fast", 1400),
+    ShippedRecipe("condinst", "synthetic", "fast", 1000),
+    ShippedRecipe("blendmask", "synthetic", "fast", 900),
+    ShippedRecipe("solov2", "synthetic", "fast", 700),
+    ShippedRecipe("solo", "synthetic", "fast", 800),
+    ShippedRecipe("decoupled_solo", "synthetic", "fast", 600),
+    ShippedRecipe("condinst", "nuclei", "cpu"),
+)
 #: The size the issue allows per shipped checkpoint.
 MAX_CHECKPOINT_BYTES = 10 * 1024 * 1024
 
 
-def shipped_name(model: str, data: str, preset: str = "cpu") -> str:
+def shipped_name(model: str, data: str, preset: str) -> str:
+    """``<model>_<preset>_<data>`` (the data spec without its ``:ROOT`` part)."""
     return f"{model}_{preset}_{data.split(':')[0]}"
+
+
+def recipe_for(model: str, data: str = "synthetic") -> Optional[ShippedRecipe]:
+    """The :data:`SHIPPED` recipe of ``model`` on ``data`` (matched without a ``:ROOT`` part), or None."""
+    base = data.split(":")[0]
+    return next((r for r in SHIPPED if r.model == model and r.data == base), None)
+
+
+def shipped_checkpoint(model: str, data: str = "synthetic", directory: Optional[os.PathLike] = None) -> Path:
+    """Where the shipped checkpoint of ``model`` on ``data`` lives (``directory`` defaults to the checkout's
+    ``data/checkpoints``), whether or not it has been made yet; ValueError when no recipe ships one."""
+    recipe = recipe_for(model, data)
+    if recipe is None:
+        raise ValueError(f"no shipped checkpoint of {model!r} on {data!r}; shipped: "
+                         + ", ".join(f"{r.model}@{r.data}" for r in SHIPPED))
+    if directory is None:
+        directory = Path(__file__).resolve().parents[3] / "data" / "checkpoints"
+    return Path(directory) / f"{recipe.name}.pt"
 
 
 def _machine() -> str:
@@ -40,13 +88,13 @@ def _cuda() -> bool:
 
 
 def make_shipped_checkpoint(model: str, data: str = "synthetic", out_dir: os.PathLike = "data/checkpoints",
-                            runs_dir: os.PathLike = "runs/checkpoints", preset: str = "cpu",
+                            runs_dir: os.PathLike = "runs/checkpoints", preset: str = "fast",
                             time_budget_s: Optional[float] = None, max_iters: Optional[int] = None,
                             progress: bool = True, **train_overrides) -> dict:
     """Train (or resume) ``model`` at ``preset`` on ``data``, evaluate on its val split, export; returns the card."""
     import onestage
     from onestage.config import get_train_config
-    from onestage.data import get_dataset
+    from onestage.data import datasets_for_config
     from onestage.engine.checkpoint import load_model
     from onestage.engine.evaluate import evaluate
     from onestage.engine.train import seed_everything, train
@@ -59,8 +107,7 @@ def make_shipped_checkpoint(model: str, data: str = "synthetic", out_dir: os.Pat
     if max_iters is not None:
         overrides["max_iters"] = max_iters
     cfg = get_train_config(preset, **overrides)
-    train_ds = get_dataset(data, split="train", train=True, min_size=cfg.min_size, max_size=cfg.max_size)
-    val_ds = get_dataset(data, split="val", train=False, min_size=(cfg.test_min_size,), max_size=cfg.test_max_size)
+    train_ds, val_ds = datasets_for_config(data, cfg)
     t0 = time.time()
     if not (run / "final.pt").exists():
         seed_everything(cfg.seed)
@@ -80,7 +127,9 @@ def make_shipped_checkpoint(model: str, data: str = "synthetic", out_dir: os.Pat
         "train_cfg": cfg.to_dict(),
         "model_cfg": json.loads(json.dumps(_cfg_dict(net), default=str)),
         "metrics_val": {k: {m: round(float(v), 2) for m, v in sec.items()} for k, sec in metrics.items()},
-        "git_commit": git_commit(), "machine": _machine(), "command": f"python -m onestage checkpoints {name}",
+        "git_commit": git_commit(), "machine": _machine(),
+        "command": (f"python -m onestage checkpoints {model}@{data.split(':')[0]} --preset {preset}"
+                    + (f" --max-iters {max_iters}" if max_iters is not None else "")),
         "made": time.strftime("%Y-%m-%d"), "wall_s_this_call": round(wall_train, 1),
         "weights": "fp16, model only (optimizer state dropped)",
     }

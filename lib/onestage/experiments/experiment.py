@@ -23,14 +23,12 @@ def build_datasets(data: str, train_cfg):
     """Train and val datasets for ``data`` (a :func:`onestage.data.get_dataset` spec), sized like ``train_cfg``.
 
     The input sizes belong to the training preset (``cpu`` trains at ~320 px, ``paper`` at 800), not to the dataset,
-    so they are passed explicitly: multi-scale sizes for training, the single test size for evaluation.
+    so they come from it (:func:`onestage.data.datasets_for_config`: multi-scale sizes, flips and ``skip_empty`` for
+    training, the single test size for evaluation).
     """
-    from onestage.data import get_dataset
+    from onestage.data import datasets_for_config
 
-    train_ds = get_dataset(data, split="train", train=True, min_size=train_cfg.min_size, max_size=train_cfg.max_size)
-    val_ds = get_dataset(data, split="val", train=False, min_size=(train_cfg.test_min_size,),
-                         max_size=train_cfg.test_max_size)
-    return train_ds, val_ds
+    return datasets_for_config(data, train_cfg)
 
 
 def time_inference(model, dataset, num_images: int = 20, warmup: int = 2) -> float:

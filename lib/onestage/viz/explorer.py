@@ -69,7 +69,8 @@ _HIGHLIGHT = (255, 255, 255)
 
 
 # ------------------------------------------------------------------------------------------------------ models
-def find_checkpoints(directory: Optional[Path] = None, data: str = "synthetic", preset: str = "cpu") -> Dict[str, Path]:
+def find_checkpoints(directory: Optional[Path] = None, data: Optional[str] = "synthetic",
+                     preset: Optional[str] = "fast") -> Dict[str, Path]:
     """Shipped checkpoints ``<model>_<preset>_<data>.pt`` in ``directory`` (default the checkout's
     ``data/checkpoints``) by model name, sorted by name. ``data=None`` or ``preset=None`` match any; the key is then
     the file's stem so that two data sets of one model stay apart."""
