@@ -92,3 +92,29 @@ def test_eval_model_set_changes_post_processing_only(tmp_path, capsys):
     with pytest.raises(UserError, match="expected a value like"):
         _replace_model_cfg(cfg, {"nms": 3})
     assert main(["eval", "--checkpoint", str(tmp_path / "missing.pt"), "--model-set", "nms=mask"]) == 2
+
+
+def test_resume_refuses_changes_it_would_not_apply_and_keeps_the_runs_model(tmp_path, capsys):
+    """``--resume`` with a new --lr / --model / --preset is refused (exit 2, one line naming the change), never
+    recorded-but-ignored; --max-iters extends the same run; the model is the checkpoint's."""
+    import json
+
+    from onestage.data.synthetic import ensure_synthetic
+
+    root = ensure_synthetic(tmp_path / "syn", num_train=4, num_val=2, image_size=64, progress=False)["root"]
+    run = tmp_path / "run"
+    base = ["train", "--data", f"synthetic:{root}", "--out", str(run), "--no-progress"]
+    assert main(base + ["--model", "fcos", "--preset", "smoke", "--max-iters", "2"]) == 0
+    capsys.readouterr()
+    before = (run / "last.pt").read_bytes()
+    for extra, needle in ((["--lr", "1e6"], "lr 0.001 -> 1000000.0"), (["--model", "condinst"], "--model condinst"),
+                          (["--preset", "cpu"], "--preset cpu"), (["--batch-size", "4"], "batch_size 2 -> 4")):
+        assert main(base + ["--resume", "--max-iters", "3"] + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert needle in err and "\n" not in err.strip(), err
+    assert (run / "last.pt").read_bytes() == before
+    assert main(base + ["--resume", "--max-iters", "3", "--model", "fcos"]) == 0
+    assert "training fcos (smoke)" in capsys.readouterr().err
+    recorded = json.loads((run / "train_config.json").read_text())
+    assert recorded["train_cfg"]["max_iters"] == 3 and recorded["train_cfg"]["lr"] == 1e-3
+    assert main(["train", "--resume"]) == 2 and "--resume needs --out" in capsys.readouterr().err

@@ -183,3 +183,27 @@ def test_torch_threads_sets_and_restores_the_count():
     with pytest.raises(ValueError, match=">= 1"):
         with torch_threads(0):
             pass
+
+
+def test_resume_refuses_a_changed_learning_rate_and_writes_nothing(tmp_path):
+    from onestage.engine.train import ResumeMismatchError
+
+    train(_model(), ToyDataset(), _cfg(max_iters=4, checkpoint_every=2), tmp_path, progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ResumeMismatchError, match=r"lr 0\.001 -> 1000000\.0") as err:
+        train(_model(), ToyDataset(), _cfg(max_iters=8, lr=1e6), tmp_path, resume=True, progress=False)
+    assert set(err.value.changes) == {"lr"}
+    with pytest.raises(ResumeMismatchError, match="batch_size 2 -> 4.*seed 0 -> 3"):
+        train(_model(), ToyDataset(), _cfg(max_iters=8, batch_size=4, seed=3), tmp_path, resume=True, progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_resume_applies_a_longer_schedule(tmp_path):
+    import json
+
+    train(_model(), ToyDataset(), _cfg(max_iters=4, checkpoint_every=2), tmp_path, progress=False)
+    summary = train(_model(), ToyDataset(), _cfg(max_iters=6, checkpoint_every=2, log_every=1), tmp_path,
+                    resume=True, progress=False)
+    assert summary["iterations"] == 6
+    recorded = json.loads((tmp_path / "train_config.json").read_text())["train_cfg"]
+    assert recorded["max_iters"] == 6 and recorded["lr"] == _cfg().lr  # what was recorded is what ran

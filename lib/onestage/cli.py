@@ -165,18 +165,37 @@ def cmd_train(args) -> int:
     from onestage.engine.evaluate import format_metrics
     from onestage.engine.train import seed_everything, train
 
-    out = _run_dir(args, f"{args.model}-{args.preset}")
+    from onestage.engine.train import resume_changes
+
     model_overrides = _parse_sets(args.set, "--set")
     if args.resume:
+        if not args.out:
+            raise UserError("--resume needs --out: the run folder to continue")
+        out = Path(args.out)
         last = out / "last.pt"
         if not last.is_file():
             raise UserError(f"--resume: no checkpoint {last}")
         ckpt = load_checkpoint(last)
         if model_overrides:
             raise UserError("--set cannot change the model of a run being resumed")
+        # the run's model and preset are the checkpoint's: asking for others is refused, never ignored
+        for flag, asked, recorded in (("--model", args.model, ckpt.get("model_name")),
+                                      ("--preset", args.preset, ckpt.get("model_preset"))):
+            if asked is not None and recorded is not None and asked != recorded:
+                raise UserError(f"--resume: {last} is a {flag[2:]} {recorded!r} run; {flag} {asked} cannot change "
+                                f"it (drop {flag}, or start a new run in another --out)")
+        args.model, args.preset = ckpt.get("model_name") or args.model, ckpt.get("model_preset") or args.preset
         cfg = _train_cfg_from_args(args, base=ckpt.get("train_cfg"))
+        changes = resume_changes(ckpt.get("train_cfg") or {}, cfg)
+        if changes:
+            raise UserError("--resume: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(
+                changes.items())) + f" would not be applied to the run in {out} (its optimiser and schedule come "
+                "from the checkpoint); only the length (--max-iters), --time-budget, --num-workers and logging may "
+                "change on resume. Start a new run in another --out to train with other settings.")
         model = model_from_checkpoint(ckpt).train()  # the architecture recorded in the run, not today's preset
     else:
+        args.model, args.preset = args.model or "fcos", args.preset or "cpu"
+        out = _run_dir(args, f"{args.model}-{args.preset}")
         if (out / "last.pt").exists():
             raise UserError(f"{out} already holds a run: add --resume to continue it or choose another --out")
         cfg = _train_cfg_from_args(args)
@@ -532,9 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", formatter_class=fmt, help="train a model",
                        description="Train a model; writes last.pt/final.pt, metrics.jsonl, summary.json to --out. "
                                    "Under torchrun the run is distributed (DDP) automatically.")
-    t.add_argument("--model", default="fcos", help="model name (see onestage.available_models())")
-    t.add_argument("--preset", default="cpu", choices=["paper", "cpu", "fast", "smoke"],
-                   help="model capacity and training schedule preset")
+    t.add_argument("--model", default=None,
+                   help="model name (see onestage.available_models()); default fcos, or the resumed run's")
+    t.add_argument("--preset", default=None, choices=["paper", "cpu", "fast", "smoke"],
+                   help="model capacity and training schedule preset; default cpu, or the resumed run's")
     t.add_argument("--data", default="synthetic", help=DATA_HELP)
     t.add_argument("--out", default=None, help="run folder (default: runs/MODEL-PRESET-TIMESTAMP)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")

@@ -12,6 +12,11 @@ Design choices (and why):
   depend on how many workers there are, on prefetching, or on where a run was interrupted.
 * **The schedule is iteration-indexed** (``LambdaLR`` over iterations: linear warm-up, then step or cosine), so a
   resumed run has the same learning rate at every iteration.
+* **A resume continues the same run.** Only the fields in :data:`RESUME_MAY_CHANGE` (length, budget, logging,
+  loading, cache) may differ from the checkpoint's config; any other change (learning rate, optimiser, batch, seed,
+  sizes, ...) raises :class:`ResumeMismatchError` before anything is written, rather than being recorded but not
+  used (the optimiser and scheduler state come from the checkpoint). A longer ``max_iters`` is applied: the cosine
+  schedule then ends at the new length.
 * **Checkpoints are atomic** (see :mod:`onestage.engine.checkpoint`) and written every ``checkpoint_every``
   iterations, at the end, when the time budget runs out and on Ctrl-C. A non-finite loss raises
   :class:`NonFiniteLossError` *before* the bad step is applied and writes nothing, so ``last.pt`` stays the last good
@@ -56,6 +61,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "train",
     "NonFiniteLossError",
+    "ResumeMismatchError",
+    "RESUME_MAY_CHANGE",
     "InfiniteBatchSampler",
     "SeededDataset",
     "build_optimizer",
@@ -67,6 +74,42 @@ __all__ = [
     "collate",
     "read_metrics",
 ]
+
+
+#: TrainConfig fields a resumed run may change: how long it goes on and how it logs, loads and caches — nothing that
+#: the checkpoint's optimiser, scheduler or data order was built from.
+RESUME_MAY_CHANGE = frozenset({"max_iters", "time_budget_s", "checkpoint_every", "log_every", "num_workers",
+                               "cache_features", "feature_cache_dir"})
+
+
+class ResumeMismatchError(ValueError):
+    """``resume=True`` with a config that differs from the checkpoint's in a field outside
+    :data:`RESUME_MAY_CHANGE`; raised before anything is loaded or written."""
+
+    def __init__(self, checkpoint: Path, changes: dict):
+        self.checkpoint, self.changes = checkpoint, changes
+        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changes.items()))
+        super().__init__(
+            f"cannot resume {checkpoint}: this run changes {listed}, which the checkpoint's optimiser, schedule or "
+            f"data order were built with (only {', '.join(sorted(RESUME_MAY_CHANGE))} may change on resume). "
+            "Resume with the checkpoint's values, or start a new run in another folder.")
+
+
+def _normalised(value):
+    """Config values compared across a checkpoint round trip (lists and tuples alike)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_normalised(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _normalised(v) for k, v in value.items()}
+    return value
+
+
+def resume_changes(old_cfg: dict, cfg) -> dict:
+    """``{field: (checkpoint's value, this run's value)}`` for the fields outside :data:`RESUME_MAY_CHANGE` that
+    differ (fields the checkpoint does not record are not compared)."""
+    new = dataclasses.asdict(cfg)
+    return {k: (old_cfg[k], new[k]) for k in new
+            if k in old_cfg and k not in RESUME_MAY_CHANGE and _normalised(old_cfg[k]) != _normalised(new[k])}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -396,10 +439,12 @@ def _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names,
             raise FileNotFoundError(f"cannot resume: no checkpoint {last_path} (start without --resume)")
         ckpt = load_checkpoint(last_path)
         old = ckpt.get("train_cfg") or {}
-        for key in ("seed", "batch_size"):
-            if key in old and old[key] != getattr(cfg, key):
-                log.warning("resuming with %s=%r but the checkpoint used %r: the data order will differ",
-                            key, getattr(cfg, key), old[key])
+        changes = resume_changes(old, cfg)
+        if changes:
+            raise ResumeMismatchError(last_path, changes)
+        if "max_iters" in old and old["max_iters"] != cfg.max_iters:
+            log.info("resuming %s with max_iters %d (was %d): the %s schedule now ends there", last_path,
+                     cfg.max_iters, old["max_iters"], cfg.lr_schedule)
         unwrap_model(model).load_state_dict(ckpt["model"])
     elif last_path.exists():
         raise FileExistsError(f"{last_path} exists: pass resume=True (--resume) to continue, or use a new out_dir")
