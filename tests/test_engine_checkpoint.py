@@ -79,3 +79,23 @@ def test_export_model_is_small_fp16_and_loads_back(tmp_path):
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert b.dtype == a.dtype, k  # cast back to the model's own precision
         torch.testing.assert_close(b.float(), a.float(), atol=1e-3, rtol=1e-3), k
+
+
+def test_a_checkpoint_naming_a_foreign_module_is_refused_without_importing_it(tmp_path, monkeypatch):
+    """A crafted checkpoint must not make the loader import a module of its choosing (importing runs its code)."""
+    import sys
+
+    from onestage.engine.checkpoint import model_from_checkpoint
+
+    flag = tmp_path / "imported"
+    (tmp_path / "planted_module_xyz.py").write_text(f"open({str(flag)!r}, 'w').close()\nclass C: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ckpt = {"model_name": "not_a_model", "model_cfg_class": "planted_module_xyz:C",
+            "model_class": "planted_module_xyz:C", "model_cfg": {}, "num_classes": 1, "model": {}}
+    with pytest.raises(ValueError, match="outside the onestage package"):
+        model_from_checkpoint(ckpt)
+    assert not flag.exists() and "planted_module_xyz" not in sys.modules
+    # inside the package, but not a config dataclass + nn.Module: refused as well
+    ckpt.update(model_cfg_class="onestage.cli:main", model_class="onestage.cli:main")
+    with pytest.raises(ValueError, match="not a model config dataclass"):
+        model_from_checkpoint(ckpt)

@@ -211,7 +211,12 @@ def load_checkpoint(path: os.PathLike, map_location="cpu") -> dict:
 
 
 def _import(path: str):
+    """``module:qualname`` of a class recorded in a checkpoint — only inside the ``onestage`` package, so that a
+    crafted checkpoint cannot make the loader import (and so run) a module of its choosing."""
     module, _, qualname = path.partition(":")
+    if module != "onestage" and not module.startswith("onestage."):
+        raise ValueError(f"checkpoint names the class {path!r} outside the onestage package; only onestage's own "
+                         "classes are loaded")
     obj = importlib.import_module(module)
     for part in qualname.split("."):
         obj = getattr(obj, part)
@@ -219,19 +224,22 @@ def _import(path: str):
 
 
 def _model_classes(ckpt: dict):
-    """(config class, model class): from the registry by name, else from the recorded import paths."""
+    """(config class, model class): from the registry by name, else from the recorded import paths (onestage's own
+    classes only, e.g. the toy detector of the tests, checked to be a config dataclass and an nn.Module)."""
     name = ckpt.get("model_name")
     if name:
-        try:
-            from onestage.modeling import MODELS
+        from onestage.modeling import MODELS
 
-            if name in MODELS:
-                return MODELS[name]
-        except ImportError:
-            pass
+        if name in MODELS:
+            return MODELS[name]
     if ckpt.get("model_cfg_class") and ckpt.get("model_class"):
-        return _import(ckpt["model_cfg_class"]), _import(ckpt["model_class"])
-    raise ValueError(f"checkpoint names model {name!r}, which is neither registered nor importable")
+        cfg_cls, model_cls = _import(ckpt["model_cfg_class"]), _import(ckpt["model_class"])
+        if not (isinstance(cfg_cls, type) and dataclasses.is_dataclass(cfg_cls)
+                and isinstance(model_cls, type) and issubclass(model_cls, nn.Module)):
+            raise ValueError(f"checkpoint names {ckpt['model_cfg_class']!r} / {ckpt['model_class']!r}, which are not "
+                             "a model config dataclass and an nn.Module")
+        return cfg_cls, model_cls
+    raise ValueError(f"checkpoint names model {name!r}, which is not registered (onestage.available_models())")
 
 
 def _cfg_from_dict(cfg_cls, cfg_dict: dict):
