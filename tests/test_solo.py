@@ -451,3 +451,21 @@ def test_checkpoint_round_trip_rebuilds_the_model(name, build):
         a = model.heads(batch) if name == "solov2" else model.head(model.features(batch))
         b = again.heads(batch) if name == "solov2" else again.head(again.features(batch))
     assert torch.equal(a.cate_logits[0], b.cate_logits[0])
+
+
+def test_fast_preset_scales_the_scale_ranges_to_its_training_size():
+    """At 256 px instead of the paper's 800, an object of a given size relative to the image keeps the paper's
+    levels (paper §3.1 ranges on sqrt(wh)); the cpu and paper presets keep the published pixel ranges."""
+    from onestage.modeling import get_model_config
+    from onestage.modeling.solo import PAPER_SCALE_RANGES, assign_levels, scaled_scale_ranges
+
+    scaled = scaled_scale_ranges(256)
+    assert scaled[0] == (0.32, 30.72) and scaled[4] == (122.88, 655.36)
+    for name in ("solo", "decoupled_solo", "solov2"):
+        assert tuple(map(tuple, get_model_config(name, "fast").scale_ranges)) == scaled
+        assert tuple(map(tuple, get_model_config(name, "cpu").scale_ranges)) == PAPER_SCALE_RANGES
+    f = 256 / 800
+    for side in (20.0, 64.0, 150.0, 300.0, 700.0):  # square boxes, sqrt(wh) = side at 800 px
+        paper = assign_levels(torch.tensor([[0.0, 0.0, side, side]]), PAPER_SCALE_RANGES)
+        ours = assign_levels(torch.tensor([[0.0, 0.0, side * f, side * f]]), scaled)
+        assert torch.equal(paper, ours), side

@@ -11,3 +11,7 @@ python -m onestage bench train --models fcos condinst --train-presets fast --thr
 # the full matrix: six models x both presets x 1 and 2 threads -> steps.json, steps.md (table printed at the end)
 python -m onestage bench train --train-presets cpu fast --threads 1 2 --repeats 3 --warmup 1 \
     --json data/results/bench_train/steps.json
+# the SOLO scale-range lever (solo_scale_ranges.json): the fast preset (scaled ranges) vs the paper's 800-px ranges
+python -m onestage train --model solov2 --preset fast --max-iters 300 --eval --out runs/solo_scale/scaled
+python -m onestage train --model solov2 --preset fast --max-iters 300 --eval --out runs/solo_scale/paper \
+    --set 'scale_ranges=((1,96),(48,192),(96,384),(192,768),(384,2048))'

@@ -45,9 +45,9 @@ SHIPPED = (
     ShippedRecipe("fcos", "synthetic", "fast", 1400),
     ShippedRecipe("condinst", "synthetic", "fast", 1000),
     ShippedRecipe("blendmask", "synthetic", "fast", 900),
-    ShippedRecipe("solov2", "synthetic", "fast", 700),
-    ShippedRecipe("solo", "synthetic", "fast", 800),
-    ShippedRecipe("decoupled_solo", "synthetic", "fast", 600),
+    ShippedRecipe("solov2", "synthetic", "fast", 650),
+    ShippedRecipe("solo", "synthetic", "fast", 700),
+    ShippedRecipe("decoupled_solo", "synthetic", "fast", 500),
     ShippedRecipe("condinst", "nuclei", "cpu"),
 )
 #: The size the issue allows per shipped checkpoint.

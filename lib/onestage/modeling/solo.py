@@ -65,6 +65,7 @@ __all__ = [
     "mask_branch_output_shapes",
     "mask_branch_memory",
     "conv_gn_relu",
+    "scaled_scale_ranges",
 ]
 
 #: SOLO's five levels (REFERENCE §2.4/§2.5; paper §3.1 and Table 2): grid numbers, instance strides and the scale
@@ -72,6 +73,15 @@ __all__ = [
 PAPER_GRIDS = (40, 36, 24, 16, 12)
 PAPER_STRIDES = (8, 8, 16, 32, 32)
 PAPER_SCALE_RANGES = ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
+
+
+def scaled_scale_ranges(train_size: float, paper_size: float = 800.0) -> tuple:
+    """The paper's scale ranges for images resized to ``train_size`` instead of the paper's ``paper_size`` (the
+    800-px shorter side of the SOLO / SOLOv2 COCO configs): every bound times ``train_size / paper_size``, so that an
+    object of a given size *relative to the image* goes to the same level as in the paper. Used by the ``fast``
+    preset (256-px training), where the unscaled ranges send almost every object to the finest grid (S = 40, P2)."""
+    f = float(train_size) / float(paper_size)
+    return tuple((lo * f, hi * f) for lo, hi in PAPER_SCALE_RANGES)
 
 
 # ---------------------------------------------------------------------------------------------------------------
