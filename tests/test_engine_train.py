@@ -207,3 +207,29 @@ def test_resume_applies_a_longer_schedule(tmp_path):
     assert summary["iterations"] == 6
     recorded = json.loads((tmp_path / "train_config.json").read_text())["train_cfg"]
     assert recorded["max_iters"] == 6 and recorded["lr"] == _cfg().lr  # what was recorded is what ran
+
+
+def test_final_checkpoint_is_stored_once_and_survives_a_resumed_last(tmp_path):
+    train(_model(), ToyDataset(), _cfg(max_iters=4, checkpoint_every=2), tmp_path, progress=False)
+    last, final = tmp_path / "last.pt", tmp_path / "final.pt"
+    assert final.read_bytes() == last.read_bytes()
+    assert os.stat(final).st_ino == os.stat(last).st_ino  # a hard link on this filesystem: one copy on disk
+    assert not list(tmp_path.glob(".*.link"))
+    old_final = final.read_bytes()
+    train(_model(), ToyDataset(), _cfg(max_iters=6, checkpoint_every=1), tmp_path, resume=True, progress=False)
+    assert load_checkpoint(final)["iteration"] == 6 and load_checkpoint(last)["iteration"] == 6
+    assert old_final != final.read_bytes()
+
+
+def test_share_checkpoint_copies_where_there_are_no_hard_links(tmp_path, monkeypatch):
+    from onestage.engine.checkpoint import share_checkpoint
+
+    src = tmp_path / "a.pt"
+    src.write_bytes(b"abc")
+
+    def no_links(*a):
+        raise OSError("no hard links here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    share_checkpoint(src, tmp_path / "b.pt")
+    assert (tmp_path / "b.pt").read_bytes() == b"abc" and os.stat(src).st_ino != os.stat(tmp_path / "b.pt").st_ino

@@ -32,6 +32,7 @@ __all__ = [
     "FORMAT",
     "atomic_torch_save",
     "save_checkpoint",
+    "share_checkpoint",
     "load_checkpoint",
     "make_checkpoint",
     "load_model",
@@ -193,6 +194,23 @@ def save_checkpoint(checkpoint: dict, path: os.PathLike) -> Path:
     if checkpoint.get("format") != FORMAT:
         raise ValueError(f"not an {FORMAT} dict (format={checkpoint.get('format')!r})")
     return atomic_torch_save(checkpoint, path)
+
+
+def share_checkpoint(src: os.PathLike, dst: os.PathLike) -> Path:
+    """Make ``dst`` the same checkpoint as ``src`` without a second copy on disk: a hard link, put in place
+    atomically (a temporary name, then ``os.replace``); a plain copy where the filesystem has no hard links. ``src``
+    is later replaced by rename (:func:`atomic_torch_save`), never rewritten in place, so ``dst`` keeps its content."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    return dst
 
 
 def load_checkpoint(path: os.PathLike, map_location="cpu") -> dict:

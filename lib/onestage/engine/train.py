@@ -53,6 +53,7 @@ from onestage.engine.checkpoint import (
     make_checkpoint,
     save_checkpoint,
     set_rng_state,
+    share_checkpoint,
     unwrap_model,
 )
 
@@ -621,7 +622,7 @@ def _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names,
                 f.write(json.dumps(rec) + "\n")
     if dd.main:
         checkpoint(last_path, iteration, stopped=stopped)
-        checkpoint(final_path, iteration, stopped=stopped)
+        share_checkpoint(last_path, final_path)  # the same file twice, stored once (a hard link where possible)
     if dd.enabled:
         dist.barrier()
 
