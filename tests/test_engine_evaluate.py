@@ -106,3 +106,28 @@ def test_max_images_scores_only_the_evaluated_images(tmp_path):
 def test_dataset_without_coco_is_rejected():
     with pytest.raises(TypeError, match="no `.coco`"):
         evaluate(torch.nn.Identity(), [(torch.zeros(3, 4, 4), {})], progress=False)
+
+
+def test_model_classes_are_matched_to_the_datasets_by_name():
+    """Same names in another order (e.g. category ids renumbered) map by name; other classes are a clear error
+    instead of an IndexError or silently wrong AP (issue: a 7-class checkpoint on 3-class data)."""
+    from types import SimpleNamespace
+
+    from onestage.engine.checkpoint import ClassMismatchError, class_mapping
+    from onestage.engine.evaluate import _label_to_cat
+
+    assert class_mapping(["a", "b", "c"], ["a", "b", "c"]) is None
+    assert class_mapping(None, ["a"]) is None
+    assert class_mapping(["a", "b", "c"], ["c", "a", "b"]) == [1, 2, 0]
+    with pytest.raises(ClassMismatchError, match=r"trained on 2 classes \['a', 'b'\], the dataset has 3"):
+        class_mapping(["a", "b"], ["a", "b", "c"])
+    with pytest.raises(ClassMismatchError):
+        class_mapping(["a", "a", "b"], ["a", "b", "a"])  # duplicate names: ambiguous
+    # the dataset's categories: ids 5, 7, 9 named c, a, b (labels 0, 1, 2 in id order)
+    ds = SimpleNamespace(class_names=["c", "a", "b"], label_to_cat_id=[5, 7, 9], num_classes=3)
+    model = SimpleNamespace(class_names=["a", "b", "c"], num_classes=3)
+    to_cat = _label_to_cat(ds, model)
+    assert [to_cat(i) for i in range(3)] == [7, 9, 5]  # a -> 7, b -> 9, c -> 5
+    assert [_label_to_cat(ds)(i) for i in range(3)] == [5, 7, 9]  # no model: the dataset's own order
+    with pytest.raises(ClassMismatchError, match="predicts 7 classes, the dataset has 3"):
+        _label_to_cat(ds, SimpleNamespace(class_names=None, num_classes=7))

@@ -233,3 +233,19 @@ def test_share_checkpoint_copies_where_there_are_no_hard_links(tmp_path, monkeyp
     monkeypatch.setattr(os, "link", no_links)
     share_checkpoint(src, tmp_path / "b.pt")
     assert (tmp_path / "b.pt").read_bytes() == b"abc" and os.stat(src).st_ino != os.stat(tmp_path / "b.pt").st_ino
+
+
+def test_training_refuses_data_with_other_classes_before_writing_anything(tmp_path):
+    from onestage.engine.checkpoint import ClassMismatchError
+
+    data = ToyDataset()  # 2 classes: class0, class1
+    torch.manual_seed(0)
+    with pytest.raises(ClassMismatchError, match="predicts 5 classes, the training data has 2"):
+        train(ToyDetector(ToyConfig(), num_classes=5), data, _cfg(max_iters=2), tmp_path / "a", progress=False)
+    assert not (tmp_path / "a").exists()
+    train(_model(), data, _cfg(max_iters=2), tmp_path / "b", progress=False)
+    before = (tmp_path / "b" / "last.pt").read_bytes()
+    with pytest.raises(ClassMismatchError, match=r"trained on the classes \['class0', 'class1'\]"):
+        train(_model(), data, _cfg(max_iters=4), tmp_path / "b", resume=True, progress=False,
+              class_names=["class1", "class0"])
+    assert (tmp_path / "b" / "last.pt").read_bytes() == before

@@ -700,11 +700,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose_log else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    from onestage.engine.train import NonFiniteLossError
+    from onestage.engine.checkpoint import ClassMismatchError
+    from onestage.engine.train import NonFiniteLossError, ResumeMismatchError
 
     try:
         return args.func(args)
-    except UserError as e:
+    except (UserError, ClassMismatchError, ResumeMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError) as e:

@@ -33,6 +33,8 @@ __all__ = [
     "atomic_torch_save",
     "save_checkpoint",
     "share_checkpoint",
+    "ClassMismatchError",
+    "class_mapping",
     "load_checkpoint",
     "make_checkpoint",
     "load_model",
@@ -194,6 +196,30 @@ def save_checkpoint(checkpoint: dict, path: os.PathLike) -> Path:
     if checkpoint.get("format") != FORMAT:
         raise ValueError(f"not an {FORMAT} dict (format={checkpoint.get('format')!r})")
     return atomic_torch_save(checkpoint, path)
+
+
+class ClassMismatchError(ValueError):
+    """A model's classes and a dataset's cannot be matched (see :func:`class_mapping`)."""
+
+
+def class_mapping(model_names, dataset_names, what: str = "the model") -> Optional[list]:
+    """How ``model``'s contiguous labels map to the dataset's, compared by class name.
+
+    None when they are the same list (or either side does not record names: nothing to compare); a list
+    ``m[model_label] = dataset_label`` when both hold the same distinct names in another order (e.g. the same
+    categories with ids in another order, which would otherwise score wrong classes silently); otherwise
+    :class:`ClassMismatchError` naming both sides."""
+    if model_names is None or dataset_names is None:
+        return None
+    model_names, dataset_names = list(model_names), list(dataset_names)
+    if model_names == dataset_names:
+        return None
+    if sorted(model_names) == sorted(dataset_names) and len(set(model_names)) == len(model_names):
+        index = {name: i for i, name in enumerate(dataset_names)}
+        return [index[name] for name in model_names]
+    raise ClassMismatchError(
+        f"{what} was trained on {len(model_names)} classes {model_names}, the dataset has {len(dataset_names)} "
+        f"{dataset_names}: they cannot be matched by name (use data with the model's classes, or train a new model)")
 
 
 def share_checkpoint(src: os.PathLike, dst: os.PathLike) -> Path:

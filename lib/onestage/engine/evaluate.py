@@ -34,11 +34,26 @@ def _as_hw(v) -> tuple[int, int]:
     return int(v[0]), int(v[1])
 
 
-def _label_to_cat(dataset):
+def _label_to_cat(dataset, model=None):
+    """Model label → the dataset's COCO category id; the model's classes are matched to the dataset's by name
+    (:func:`onestage.engine.checkpoint.class_mapping`: same order, reordered, or a clear error)."""
+    from onestage.engine.checkpoint import class_mapping
+
+    from onestage.engine.checkpoint import ClassMismatchError
+
+    names = getattr(model, "class_names", None) if model is not None else None
+    remap = class_mapping(names, getattr(dataset, "class_names", None))
+    have, want = getattr(model, "num_classes", None), getattr(dataset, "num_classes", None)
+    if names is None and have is not None and want is not None and have != want:
+        raise ClassMismatchError(f"the model predicts {have} classes, the dataset has {want}")
+    if remap is not None:
+        log.warning("the model's classes are the dataset's in another order: its labels are mapped by class name")
     mapping = getattr(dataset, "label_to_cat_id", None)
     if mapping is None:
-        return lambda label: int(label)
-    return lambda label: int(mapping[int(label)])  # dict or list, both indexed by the contiguous label
+        return (lambda label: int(label)) if remap is None else (lambda label: int(remap[int(label)]))
+    if remap is None:
+        return lambda label: int(mapping[int(label)])  # dict or list, both indexed by the contiguous label
+    return lambda label: int(mapping[remap[int(label)]])
 
 
 def predictions_to_coco(pred: dict, target: dict, label_to_cat, with_masks: bool) -> list[dict]:
@@ -122,7 +137,7 @@ def evaluate(
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
-    label_to_cat = _label_to_cat(dataset)
+    label_to_cat = _label_to_cat(dataset, model)
     was_training = model.training
     model.eval()
     results, image_ids, saw_masks = [], [], False

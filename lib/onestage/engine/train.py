@@ -48,6 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from onestage.engine.checkpoint import (
+    ClassMismatchError,
     get_rng_state,
     load_checkpoint,
     make_checkpoint,
@@ -111,6 +112,19 @@ def resume_changes(old_cfg: dict, cfg) -> dict:
     new = dataclasses.asdict(cfg)
     return {k: (old_cfg[k], new[k]) for k in new
             if k in old_cfg and k not in RESUME_MAY_CHANGE and _normalised(old_cfg[k]) != _normalised(new[k])}
+
+
+def _check_classes(model, dataset, class_names, ckpt, last_path) -> None:
+    """Before anything is written: the model has the dataset's number of classes, and a resumed run's classes are
+    the dataset's, by name and in order (training has no label mapping)."""
+    have, want = getattr(model, "num_classes", None), getattr(dataset, "num_classes", None)
+    if have is not None and want is not None and have != want:
+        raise ClassMismatchError(f"the model predicts {have} classes, the training data has {want}"
+                                 + (f" ({list(class_names)})" if class_names is not None else ""))
+    recorded = ckpt.get("class_names") if ckpt is not None else None
+    if recorded is not None and class_names is not None and list(recorded) != list(class_names):
+        raise ClassMismatchError(f"cannot resume {last_path}: it was trained on the classes {list(recorded)}, the "
+                                 f"training data has {list(class_names)}; resume on the run's data or start a new run")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -451,6 +465,7 @@ def _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names,
         raise FileExistsError(f"{last_path} exists: pass resume=True (--resume) to continue, or use a new out_dir")
     else:
         seed_everything(cfg.seed)
+    _check_classes(unwrap_model(model), dataset, class_names, ckpt, last_path)
 
     model.to(device).train()
     if dd.enabled:
