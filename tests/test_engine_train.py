@@ -249,3 +249,39 @@ def test_training_refuses_data_with_other_classes_before_writing_anything(tmp_pa
         train(_model(), data, _cfg(max_iters=4), tmp_path / "b", resume=True, progress=False,
               class_names=["class1", "class0"])
     assert (tmp_path / "b" / "last.pt").read_bytes() == before
+
+
+class _Unused(ToyDetector):
+    """The toy with a parameter the loss never reads (so poisoning it leaves the loss finite)."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.spare = torch.nn.Parameter(torch.zeros(3))
+
+
+def test_a_checkpoint_is_never_written_from_non_finite_weights(tmp_path):
+    torch.manual_seed(0)
+    model = _Unused(ToyConfig())
+
+    def poison(iteration, m, t):
+        if iteration == 3:
+            with torch.no_grad():
+                m.spare[1] = float("nan")
+
+    with pytest.raises(NonFiniteLossError, match=r"non-finite weights at iteration 4.*spare") as err:
+        train(model, ToyDataset(), _cfg(max_iters=6, checkpoint_every=2), tmp_path, progress=False, on_step=poison)
+    assert err.value.kind == "weights" and err.value.checkpoint == tmp_path / "last.pt"
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["iteration"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_overflowing_gradients_with_a_finite_loss_stop_before_the_step(tmp_path):
+    for clip in (10.0, 0.0):  # the norm clip_grad_norm computes, and the check's own without clipping
+        model = _model()
+        before = [q.detach().clone() for q in model.parameters()]
+        model.cls.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+        with pytest.raises(NonFiniteLossError, match=r"non-finite gradients at iteration 1: \['grad_norm'\]") as e:
+            train(model, ToyDataset(), _cfg(max_iters=4, clip_grad_norm=clip), tmp_path / str(clip), progress=False)
+        assert e.value.kind == "gradients" and math.isfinite(e.value.losses["loss"])
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the step was not taken
+        assert not (tmp_path / str(clip) / "last.pt").exists()

@@ -20,7 +20,7 @@ Design choices (and why):
 * **Checkpoints are atomic** (see :mod:`onestage.engine.checkpoint`) and written every ``checkpoint_every``
   iterations, at the end, when the time budget runs out and on Ctrl-C. A non-finite loss raises
   :class:`NonFiniteLossError` *before* the bad step is applied and writes nothing, so ``last.pt`` stays the last good
-  state.
+  state; so do a non-finite gradient norm with a finite loss, and non-finite weights when a checkpoint is due.
 * **The time budget counts only training wall time** (data loading + forward + backward + step, not checkpointing or
   evaluation), accumulated across resumes and stored in the checkpoint as ``train_time_s``.
 * **DDP is detected from the environment** (``torchrun`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``): gloo on CPU,
@@ -128,17 +128,20 @@ def _check_classes(model, dataset, class_names, ckpt, last_path) -> None:
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN/inf; raised before the optimiser step, so no weights or checkpoints were touched."""
+    """A loss or the gradient norm became NaN/inf (raised before the optimiser step, so no weights or checkpoints
+    were touched), or the weights did by the time a checkpoint was due (raised instead of writing it): the last
+    checkpoint on disk is always a finite state."""
 
-    def __init__(self, iteration: int, losses: dict, checkpoint: Optional[Path] = None):
+    def __init__(self, iteration: int, losses: dict, checkpoint: Optional[Path] = None, kind: str = "loss"):
         self.iteration = iteration
         self.losses = losses
         self.checkpoint = checkpoint
+        self.kind = kind  # "loss", "gradients" (finite loss, non-finite gradient norm) or "weights"
         bad = [k for k, v in losses.items() if not math.isfinite(v)]
         terms = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
         where = f"; the last good checkpoint is {checkpoint}" if checkpoint else "; no checkpoint had been written yet"
         super().__init__(
-            f"non-finite loss at iteration {iteration}: {bad or ['(sum)']} ({terms}){where}. "
+            f"non-finite {kind} at iteration {iteration}: {bad or ['(sum)']} ({terms}){where}. "
             "Try a lower learning rate, gradient clipping (clip_grad_norm) or a longer warm-up."
         )
 
@@ -527,6 +530,10 @@ def _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names,
     )
 
     def checkpoint(path: Path, it: int, rng=None, stopped=None) -> Path:
+        bad = [k for k, v in bare.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:  # a checkpoint is only written from a good state: "last good" must mean it
+            raise NonFiniteLossError(it, {f"weight {k}": float("nan") for k in bad[:3]},
+                                     last_path if last_path.exists() else None, kind="weights")
         ck = make_checkpoint(bare, optimizer=optimizer, scheduler=scheduler, scaler=scaler, iteration=it,
                              train_cfg=cfg, class_names=class_names,
                              extra={"train_time_s": train_time, "world_size": dd.world_size, "stopped": stopped})
@@ -576,6 +583,12 @@ def _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names,
             if cfg.clip_grad_norm:
                 scaler.unscale_(optimizer)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(bare.parameters(), cfg.clip_grad_norm))
+            if not scaler.is_enabled():  # (fp16 GradScaler skips non-finite steps itself)
+                norm = grad_norm if grad_norm is not None else float(torch.nn.utils.get_total_norm(
+                    [q.grad for q in bare.parameters() if q.grad is not None]))
+                if not _all_true(math.isfinite(norm), dd, device):  # finite loss, overflowing gradients
+                    raise NonFiniteLossError(iteration + 1, {**values, "grad_norm": norm},
+                                             last_path if last_path.exists() else None, kind="gradients")
             lr = optimizer.param_groups[0]["lr"]
             scaler.step(optimizer)
             scaler.update()
