@@ -68,3 +68,25 @@ def test_every_training_path_builds_its_datasets_with_dataset_for_config(recorde
         with pytest.raises(_Reached):
             run()
         assert recorded == [("train", 0.0)], name
+
+
+def test_a_box_only_model_keeps_boxes_whose_polygon_is_unusable(tmp_path):
+    """FCOS trains on boxes; an annotation with a broken polygon but a good box is dropped only for mask models."""
+    import json
+
+    paths = ensure_synthetic(tmp_path / "syn", num_train=2, num_val=1, image_size=64, progress=False)
+    coco = json.loads(open(paths["train_ann"]).read())
+    first = coco["annotations"][0]
+    first["segmentation"] = [[1.0, 1.0, 2.0, 2.0]]  # two points: no polygon
+    ann = tmp_path / "broken.json"
+    ann.write_text(json.dumps(coco))
+    spec = f"coco:{ann}:{paths['train_images']}"
+    cfg = get_train_config("smoke")
+    n_boxes = sum(a["image_id"] == first["image_id"] for a in coco["annotations"])
+
+    def boxes(model):
+        ds = dataset_for_config(spec, "train", cfg, train=False, model=model)
+        return len(ds[ds.ids.index(first["image_id"])][1]["boxes"])
+
+    assert boxes("fcos") == n_boxes
+    assert boxes("condinst") == n_boxes - 1

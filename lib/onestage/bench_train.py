@@ -111,7 +111,7 @@ def time_training_step(model_name: str, preset: str = "cpu", threads: Optional[i
 
     cfg = get_train_config(preset, **train_overrides)
     dev = torch.device(device)
-    ds = dataset_for_config(data, "train", cfg)
+    ds = dataset_for_config(data, "train", cfg, model=model_name)
     seeded = SeededDataset(ds)
     sampler = InfiniteBatchSampler(len(ds), cfg.batch_size, seed)  # the training loop's data order
     with torch_threads(threads):
@@ -223,7 +223,7 @@ def time_to_quality(model_name: str, preset: str, metric: str, target_ap: float,
     if max_iters is not None:
         overrides["max_iters"] = max_iters
     cfg = get_train_config(preset, **overrides)
-    train_ds, val_ds = datasets_for_config(data, cfg)
+    train_ds, val_ds = datasets_for_config(data, cfg, model=model_name)
     out = Path(out_dir)
     curve, reached = [], None
     t_start = time.time()

@@ -56,12 +56,13 @@ def _require_file(path, what: str) -> Path:
     return p
 
 
-def _dataset(spec: str, split: str, train_cfg, train: bool):
-    """A dataset from a spec, resized per ``train_cfg`` (training sizes and flips for ``train``, test sizes else)."""
+def _dataset(spec: str, split: str, train_cfg, train: bool, model: Optional[str] = None):
+    """A dataset from a spec, resized per ``train_cfg`` (training sizes and flips for ``train``, test sizes else);
+    ``model`` (a name) decides whether masks are read."""
     from onestage.data import dataset_for_config
 
     try:
-        return dataset_for_config(spec, split, train_cfg, train=train)
+        return dataset_for_config(spec, split, train_cfg, train=train, model=model)
     except FileNotFoundError as e:
         raise UserError(f"data {spec!r}: {e}") from e
 
@@ -200,14 +201,14 @@ def cmd_train(args) -> int:
             raise UserError(f"{out} already holds a run: add --resume to continue it or choose another --out")
         cfg = _train_cfg_from_args(args)
         seed_everything(cfg.seed)  # before building: initial weights depend on the seed
-    train_ds = _dataset(args.data, "train", cfg, train=True)
+    train_ds = _dataset(args.data, "train", cfg, train=True, model=args.model)
     if not args.resume:
         try:
             model = onestage.build_model(args.model, preset=args.preset, num_classes=train_ds.num_classes,
                                          **model_overrides)
         except (TypeError, ValueError) as e:
             raise UserError(str(e)) from e
-    val_ds = _dataset(args.data, "val", cfg, train=False) if args.eval else None
+    val_ds = _dataset(args.data, "val", cfg, train=False, model=args.model) if args.eval else None
     print(f"training {args.model} ({args.preset}) on {args.data}: {len(train_ds)} images, {cfg.max_iters} iters, "
           f"batch {cfg.batch_size}, budget {cfg.time_budget_s or 'none'} s -> {out}", file=sys.stderr)
     summary = train(model, train_ds, cfg, out, resume=args.resume, val_dataset=val_ds,
@@ -306,8 +307,8 @@ def cmd_demo(args) -> int:
     if args.max_iters is not None:
         overrides["max_iters"] = args.max_iters
     cfg = get_train_config("cpu", **overrides)
-    train_ds = _dataset(spec, "train", cfg, train=True)
-    val_ds = _dataset(spec, "val", cfg, train=False)
+    train_ds = _dataset(spec, "train", cfg, train=True, model=args.model)
+    val_ds = _dataset(spec, "val", cfg, train=False, model=args.model)
     seed_everything(cfg.seed)
     model = onestage.build_model(args.model, preset="cpu", num_classes=train_ds.num_classes)
     title = model.__class__.__name__

@@ -44,14 +44,22 @@ def __getattr__(name):
     raise AttributeError(f"module 'onestage.data' has no attribute {name!r}")
 
 
-def dataset_for_config(spec: str, split: str, train_cfg, train: Optional[bool] = None, **kwargs):
+def dataset_for_config(spec: str, split: str, train_cfg, train: Optional[bool] = None, model: Optional[str] = None,
+                       **kwargs):
     """The dataset of ``spec`` / ``split`` as a training config ``train_cfg`` wants it.
 
     ``train`` (default ``split == "train"``): the config's multi-scale sizes, ``flip_prob`` and ``skip_empty=True``
     (an image without a usable annotation teaches nothing); otherwise the single test size, no flips, every image
-    kept (COCOeval counts them). ``kwargs`` go to :func:`get_dataset` (e.g. ``root``, ``with_masks``)."""
+    kept (COCOeval counts them). ``model`` (a registered name) decides whether instance masks are read: a box-only
+    model (``needs_masks = False``, FCOS) keeps the boxes whose polygon is unusable. ``kwargs`` go to
+    :func:`get_dataset` (e.g. ``root``, ``with_masks``)."""
     if train is None:
         train = split == "train"
+    if model is not None and "with_masks" not in kwargs:
+        from onestage.modeling import MODELS
+
+        if model in MODELS:
+            kwargs["with_masks"] = bool(MODELS[model][1].needs_masks)
     if train:
         sizes = dict(min_size=train_cfg.min_size, max_size=train_cfg.max_size, flip_prob=train_cfg.flip_prob,
                      skip_empty=True)
@@ -61,10 +69,10 @@ def dataset_for_config(spec: str, split: str, train_cfg, train: Optional[bool] =
     return get_dataset(spec, split, train=train, **{**sizes, **kwargs})
 
 
-def datasets_for_config(spec: str, train_cfg, **kwargs):
+def datasets_for_config(spec: str, train_cfg, model: Optional[str] = None, **kwargs):
     """``(train, val)`` datasets of ``spec`` for ``train_cfg`` (:func:`dataset_for_config` of each split)."""
-    return (dataset_for_config(spec, "train", train_cfg, **kwargs),
-            dataset_for_config(spec, "val", train_cfg, **kwargs))
+    return (dataset_for_config(spec, "train", train_cfg, model=model, **kwargs),
+            dataset_for_config(spec, "val", train_cfg, model=model, **kwargs))
 
 
 def get_dataset(

@@ -107,7 +107,7 @@ def make_shipped_checkpoint(model: str, data: str = "synthetic", out_dir: os.Pat
     if max_iters is not None:
         overrides["max_iters"] = max_iters
     cfg = get_train_config(preset, **overrides)
-    train_ds, val_ds = datasets_for_config(data, cfg)
+    train_ds, val_ds = datasets_for_config(data, cfg, model=model)
     t0 = time.time()
     if not (run / "final.pt").exists():
         seed_everything(cfg.seed)

@@ -19,7 +19,7 @@ from onestage.experiments.records import RECORD_FORMAT
 QUICK_EVAL_IMAGES = 8
 
 
-def build_datasets(data: str, train_cfg):
+def build_datasets(data: str, train_cfg, model: Optional[str] = None):
     """Train and val datasets for ``data`` (a :func:`onestage.data.get_dataset` spec), sized like ``train_cfg``.
 
     The input sizes belong to the training preset (``cpu`` trains at ~320 px, ``paper`` at 800), not to the dataset,
@@ -28,7 +28,7 @@ def build_datasets(data: str, train_cfg):
     """
     from onestage.data import datasets_for_config
 
-    return datasets_for_config(data, train_cfg)
+    return datasets_for_config(data, train_cfg, model=model)
 
 
 def time_inference(model, dataset, num_images: int = 20, warmup: int = 2) -> float:

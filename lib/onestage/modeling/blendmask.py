@@ -312,6 +312,9 @@ class BlendMask(FCOS):
     assignment, losses and post-processing; adds the bottom module, the top layer and the blender.
     """
 
+    #: training reads the instance masks
+    needs_masks = True
+
     def __init__(self, cfg: Optional[BlendMaskConfig] = None, num_classes: int = 80):
         cfg = cfg if cfg is not None else BlendMaskConfig()
         super().__init__(cfg, num_classes)

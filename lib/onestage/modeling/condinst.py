@@ -185,6 +185,9 @@ class CondInst(FCOS):
     """CondInst instance segmentation. Train mode → FCOS losses + ``loss_mask`` (dice); eval mode → FCOS detections
     with ``masks`` (``N×H×W`` bool at the input image size)."""
 
+    #: training reads the instance masks
+    needs_masks = True
+
     def __init__(self, cfg: Optional[CondInstConfig] = None, num_classes: int = 80):
         cfg = cfg if cfg is not None else CondInstConfig()
         super().__init__(cfg, num_classes)

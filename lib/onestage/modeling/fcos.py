@@ -543,6 +543,9 @@ class FCOS(nn.Module):
     (CondInst, BlendMask) reuse ``preprocess``, ``features``, ``head``, ``assign`` and ``losses``.
     """
 
+    #: boxes only: training reads no instance masks (a box whose polygon is invalid still trains)
+    needs_masks = False
+
     def __init__(self, cfg: Optional[FCOSConfig] = None, num_classes: int = 80):
         super().__init__()
         cfg = cfg if cfg is not None else FCOSConfig()

@@ -712,6 +712,9 @@ class SOLO(nn.Module):
     ``losses``, ``postprocess``.
     """
 
+    #: training reads the instance masks
+    needs_masks = True
+
     def __init__(self, cfg: Optional[SOLOConfig] = None, num_classes: int = 80):
         super().__init__()
         cfg = cfg if cfg is not None else SOLOConfig()

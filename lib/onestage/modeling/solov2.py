@@ -242,6 +242,9 @@ class SOLOv2(nn.Module):
     """SOLOv2. ``model(images, targets)`` (train) → ``{"loss_cate", "loss_mask"}``; ``model(images)`` (eval) →
     ``[{"boxes", "scores", "labels", "masks" N×H×W bool at the input size}]``. Same inputs as :class:`SOLO`."""
 
+    #: training reads the instance masks
+    needs_masks = True
+
     def __init__(self, cfg: Optional[SOLOv2Config] = None, num_classes: int = 80):
         super().__init__()
         cfg = cfg if cfg is not None else SOLOv2Config()
