@@ -164,9 +164,7 @@ def cmd_train(args) -> int:
     import onestage
     from onestage.engine.checkpoint import load_checkpoint, model_from_checkpoint
     from onestage.engine.evaluate import format_metrics
-    from onestage.engine.train import seed_everything, train
-
-    from onestage.engine.train import resume_changes
+    from onestage.engine.train import ResumeMismatchError, resume_changes, seed_everything, train
 
     model_overrides = _parse_sets(args.set, "--set")
     if args.resume:
@@ -188,11 +186,8 @@ def cmd_train(args) -> int:
         args.model, args.preset = ckpt.get("model_name") or args.model, ckpt.get("model_preset") or args.preset
         cfg = _train_cfg_from_args(args, base=ckpt.get("train_cfg"))
         changes = resume_changes(ckpt.get("train_cfg") or {}, cfg)
-        if changes:
-            raise UserError("--resume: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(
-                changes.items())) + f" would not be applied to the run in {out} (its optimiser and schedule come "
-                "from the checkpoint); only the length (--max-iters), --time-budget, --num-workers and logging may "
-                "change on resume. Start a new run in another --out to train with other settings.")
+        if changes:  # before the datasets are built; main() prints it in one line, exit 2
+            raise ResumeMismatchError(last, changes)
         model = model_from_checkpoint(ckpt).train()  # the architecture recorded in the run, not today's preset
     else:
         args.model, args.preset = args.model or "fcos", args.preset or "cpu"

@@ -34,6 +34,7 @@ __all__ = [
     "save_checkpoint",
     "share_checkpoint",
     "ClassMismatchError",
+    "check_num_classes",
     "class_mapping",
     "load_checkpoint",
     "make_checkpoint",
@@ -200,6 +201,15 @@ def save_checkpoint(checkpoint: dict, path: os.PathLike) -> Path:
 
 class ClassMismatchError(ValueError):
     """A model's classes and a dataset's cannot be matched (see :func:`class_mapping`)."""
+
+
+def check_num_classes(model, dataset, what: str = "the dataset") -> None:
+    """ClassMismatchError when ``model.num_classes`` and ``dataset.num_classes`` are both known and differ."""
+    have, want = getattr(model, "num_classes", None), getattr(dataset, "num_classes", None)
+    if have is not None and want is not None and have != want:
+        names = getattr(dataset, "class_names", None)
+        raise ClassMismatchError(f"the model predicts {have} classes, {what} has {want}"
+                                 + (f" ({list(names)})" if names is not None else ""))
 
 
 def class_mapping(model_names, dataset_names, what: str = "the model") -> Optional[list]:

@@ -37,15 +37,12 @@ def _as_hw(v) -> tuple[int, int]:
 def _label_to_cat(dataset, model=None):
     """Model label → the dataset's COCO category id; the model's classes are matched to the dataset's by name
     (:func:`onestage.engine.checkpoint.class_mapping`: same order, reordered, or a clear error)."""
-    from onestage.engine.checkpoint import class_mapping
-
-    from onestage.engine.checkpoint import ClassMismatchError
+    from onestage.engine.checkpoint import check_num_classes, class_mapping
 
     names = getattr(model, "class_names", None) if model is not None else None
     remap = class_mapping(names, getattr(dataset, "class_names", None))
-    have, want = getattr(model, "num_classes", None), getattr(dataset, "num_classes", None)
-    if names is None and have is not None and want is not None and have != want:
-        raise ClassMismatchError(f"the model predicts {have} classes, the dataset has {want}")
+    if names is None:  # nothing to match by name: the counts at least must agree
+        check_num_classes(model, dataset)
     if remap is not None:
         log.warning("the model's classes are the dataset's in another order: its labels are mapped by class name")
     mapping = getattr(dataset, "label_to_cat_id", None)

@@ -12,8 +12,8 @@ import json
 import os
 import platform
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from onestage.engine.checkpoint import export_model, git_commit

@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from onestage.engine.checkpoint import (
     ClassMismatchError,
+    check_num_classes,
     get_rng_state,
     load_checkpoint,
     make_checkpoint,
@@ -117,10 +118,7 @@ def resume_changes(old_cfg: dict, cfg) -> dict:
 def _check_classes(model, dataset, class_names, ckpt, last_path) -> None:
     """Before anything is written: the model has the dataset's number of classes, and a resumed run's classes are
     the dataset's, by name and in order (training has no label mapping)."""
-    have, want = getattr(model, "num_classes", None), getattr(dataset, "num_classes", None)
-    if have is not None and want is not None and have != want:
-        raise ClassMismatchError(f"the model predicts {have} classes, the training data has {want}"
-                                 + (f" ({list(class_names)})" if class_names is not None else ""))
+    check_num_classes(model, dataset, "the training data")
     recorded = ckpt.get("class_names") if ckpt is not None else None
     if recorded is not None and class_names is not None and list(recorded) != list(class_names):
         raise ClassMismatchError(f"cannot resume {last_path}: it was trained on the classes {list(recorded)}, the "
