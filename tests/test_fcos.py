@@ -170,7 +170,7 @@ def _batch():
 
 
 @pytest.mark.parametrize("empty", [False, True])
-@pytest.mark.parametrize("centerness_on", ["reg", "cls", "none"])
+@pytest.mark.parametrize("centerness_on", ["reg", "cls", "none", "computed"])
 def test_train_every_param_gets_gradient_no_nan(empty, centerness_on):
     torch.manual_seed(0)
     model = onestage.build_model("fcos", preset="smoke", num_classes=3, centerness_on=centerness_on)
@@ -179,7 +179,7 @@ def test_train_every_param_gets_gradient_no_nan(empty, centerness_on):
     if empty:
         targets = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)} for _ in images]
     losses = model(images, targets)
-    expected = {"loss_cls", "loss_box_reg"} | ({"loss_ctr"} if centerness_on != "none" else set())
+    expected = {"loss_cls", "loss_box_reg"} | ({"loss_ctr"} if centerness_on in ("reg", "cls") else set())
     assert set(losses) == expected
     assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
     if empty:
@@ -275,3 +275,28 @@ def test_postprocess_return_indices_point_at_the_detecting_location():
     assert torch.allclose(res["scores"], expect)
     assert torch.equal(res["locations"], torch.cat(locs)[res["location_inds"]])
     assert torch.equal(res["fpn_levels"], (res["location_inds"] >= 30).long())
+
+
+def test_computed_centerness_hand_case_and_training_equals_none():
+    """FCOS Table 4 †: no branch; at inference ctr = eq. 3 of the predicted ltrb, score = sqrt(cls · ctr)."""
+    from onestage.modeling.fcos import FCOSHeadOutputs, compute_locations, postprocess
+    locs = compute_locations([torch.zeros(1, 1, 1, 2)], [8])  # two locations, (4, 4) and (12, 4)
+    logits = [torch.tensor([[[[0.0, 2.0]]]])]  # one class; sigmoid 0.5 and 0.881
+    # location 0: l, t, r, b = 1, 3, 2, 2 (strides) → ctr = sqrt(1/2 · 2/3) = 0.5774; location 1: centred → 1
+    reg = [torch.tensor([[[[1.0, 1.0]], [[3.0, 1.0]], [[2.0, 1.0]], [[2.0, 1.0]]]])]
+    out = FCOSHeadOutputs(logits, reg, None, None)
+    res = postprocess(out, locs, [8], [(64, 64)], score_thresh=0.05, nms_thresh=1.0, ctr_from_reg=True)[0]
+    s0, s1 = torch.tensor(0.0).sigmoid(), torch.tensor(2.0).sigmoid()
+    torch.testing.assert_close(res["scores"], torch.stack([torch.sqrt(s1), torch.sqrt(s0 * (1 / 3) ** 0.5)]))
+    plain = postprocess(out, locs, [8], [(64, 64)], score_thresh=0.05, nms_thresh=1.0)[0]  # "none": cls alone
+    torch.testing.assert_close(plain["scores"], torch.stack([s1, s0]))
+    # training: "computed" is "none" to the bit (same parameters, same losses); only inference differs
+    images, targets = _batch()
+    models = {}
+    for on in ("none", "computed"):
+        torch.manual_seed(0)
+        models[on] = onestage.build_model("fcos", preset="smoke", num_classes=3, centerness_on=on).train()
+    a, b = models["none"](images, targets), models["computed"](images, targets)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="computed"):
+        FCOSHead(32, 3, centerness_on="regression")

@@ -298,7 +298,8 @@ class CondInst(FCOS):
 
         return postprocess(head_out, locations, self.strides, image_sizes, c.score_thresh, c.pre_nms_topk,
                            nms_thresh=1.0, detections_per_img=c.mask_nms_max_candidates,
-                           thresh_with_ctr=c.thresh_with_ctr, return_indices=True)
+                           thresh_with_ctr=c.thresh_with_ctr, return_indices=True,
+                           ctr_from_reg=c.centerness_on == "computed")
 
     def _paste(self, probs: Tensor, image_size: tuple, padded_size: tuple) -> Tensor:
         """Probabilities at the output stride → boolean masks at the input size: aligned upsampling to stride 1 of

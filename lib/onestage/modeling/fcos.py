@@ -81,7 +81,8 @@ class FCOSConfig:
     gn_groups: int = 32
     use_scale: bool = True                # learnable scalar per level, init 1 (§3.2 "exp(s_i x)")
     prior_prob: float = 0.01              # cls bias -log((1-π)/π), RetinaNet §4.1
-    centerness_on: str = "reg"            # "reg" (AdelaiDet), "cls" (first arXiv version), "none" (ablation)
+    centerness_on: str = "reg"            # "reg" (AdelaiDet), "cls" (first arXiv version), "none" (ablation),
+    #                                       "computed" (no branch; eq. 3 of the predicted ltrb at inference, Table 4 †)
     # --- targets (§3.2 multi-level assignment, center sampling) ---
     sizes_of_interest: tuple = (64, 128, 256, 512)  # m2..m5 of §3.2; P3 [0,64], ..., P7 [512, ∞)
     center_sampling: bool = True
@@ -202,15 +203,18 @@ class FCOSHead(nn.Module):
 
     Center-ness sits on the box tower (``"reg"``, AdelaiDet and the "ctr. on reg." improvement of the later arXiv
     versions) or on the classification tower (``"cls"``, paper Fig. 2 of the first version), or is absent
-    (``"none"``, the paper's "w/o center-ness" ablation, §4.1.2).
+    (``"none"``, the paper's "w/o center-ness" ablation, §4.1.2). ``"computed"`` has no branch either and trains
+    exactly as ``"none"``; its inference computes center-ness from the predicted regression vector instead
+    (:func:`postprocess` with ``ctr_from_reg``), the "center-ness†" row of FCOS Table 4 (arXiv 1904.01355 §4.1.2),
+    which the paper shows does not replace the learned branch.
     """
 
     def __init__(self, in_channels: int, num_classes: int, num_levels: int = 5, num_cls_convs: int = 4,
                  num_box_convs: int = 4, num_share_convs: int = 0, norm: str = "GN", gn_groups: int = 32,
                  use_scale: bool = True, prior_prob: float = 0.01, centerness_on: str = "reg"):
         super().__init__()
-        if centerness_on not in ("reg", "cls", "none"):
-            raise ValueError(f"centerness_on must be 'reg', 'cls' or 'none', got {centerness_on!r}")
+        if centerness_on not in ("reg", "cls", "none", "computed"):
+            raise ValueError(f"centerness_on must be 'reg', 'cls', 'none' or 'computed', got {centerness_on!r}")
         self.num_classes = num_classes
         self.centerness_on = centerness_on
         self.share_tower = _tower(num_share_convs, in_channels, norm, gn_groups)
@@ -218,7 +222,7 @@ class FCOSHead(nn.Module):
         self.bbox_tower = _tower(num_box_convs, in_channels, norm, gn_groups)
         self.cls_logits = nn.Conv2d(in_channels, num_classes, 3, padding=1)
         self.bbox_pred = nn.Conv2d(in_channels, 4, 3, padding=1)
-        self.ctrness = nn.Conv2d(in_channels, 1, 3, padding=1) if centerness_on != "none" else None
+        self.ctrness = nn.Conv2d(in_channels, 1, 3, padding=1) if centerness_on in ("reg", "cls") else None
         self.scales = nn.ModuleList([Scale(1.0) for _ in range(num_levels)]) if use_scale else None
         # All head convs N(0, 0.01), bias 0 (paper §4 "initialized as in RetinaNet").
         for m in self.modules():
@@ -464,7 +468,7 @@ def fcos_losses(head_out: FCOSHeadOutputs, assigned: FCOSTargets, num_classes: i
 def postprocess(head_out: FCOSHeadOutputs, locations: Sequence[Tensor], strides: Sequence[int],
                 image_sizes: Sequence[tuple], score_thresh: float = 0.05, pre_nms_topk: int = 1000,
                 nms_thresh: float = 0.6, detections_per_img: int = 100, thresh_with_ctr: bool = False,
-                return_indices: bool = False) -> List[dict]:
+                return_indices: bool = False, ctr_from_reg: bool = False) -> List[dict]:
     """Detections per image (paper §3.1 "Inference"; AdelaiDet ``forward_for_single_feature_map`` +
     ``select_over_all_levels`` + d2 ``detector_postprocess``).
 
@@ -472,6 +476,7 @@ def postprocess(head_out: FCOSHeadOutputs, locations: Sequence[Tensor], strides:
     class score alone; ``thresh_with_ctr`` multiplies center-ness in first, as BlendMask/CondInst do); keep the
     ``pre_nms_topk`` best by cls·ctr; decode ``x − l·s, y − t·s, x + r·s, y + b·s``; score = sqrt(cls·ctr) (a
     geometric mean, which keeps scores on the classifier's scale), or cls alone without a center-ness branch.
+    ``ctr_from_reg`` (a head without a branch) takes ctr from the predicted ltrb by eq. 3 instead (FCOS Table 4 †).
     Then over all levels: class-aware NMS at ``nms_thresh``, keep the ``detections_per_img`` best (AdelaiDet's
     ``kthvalue`` cut can keep more on exact ties; we keep exactly that many), clip to the image and drop empty boxes.
 
@@ -493,6 +498,8 @@ def postprocess(head_out: FCOSHeadOutputs, locations: Sequence[Tensor], strides:
             reg = head_out.bbox_reg[lvl][i].permute(1, 2, 0).reshape(-1, 4)
             if head_out.ctrness is not None:
                 ctr = head_out.ctrness[lvl][i].permute(1, 2, 0).reshape(-1).sigmoid()
+            elif ctr_from_reg:
+                ctr = centerness_target(reg.float())
             else:
                 ctr = None
             if ctr is not None and thresh_with_ctr:
@@ -587,7 +594,8 @@ class FCOS(nn.Module):
                     return_indices: bool = False):
         c = self.cfg
         return postprocess(head_out, locations, self.strides, image_sizes, c.score_thresh, c.pre_nms_topk,
-                           c.nms_thresh, c.detections_per_img, c.thresh_with_ctr, return_indices)
+                           c.nms_thresh, c.detections_per_img, c.thresh_with_ctr, return_indices,
+                           ctr_from_reg=c.centerness_on == "computed")
 
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None):
         if self.training and targets is None:
