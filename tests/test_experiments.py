@@ -48,7 +48,7 @@ def test_paper_numbers_match_the_seed_text():
     assert load_table("condinst_table4").row("factor=2").published["APs"] == 17.0
     fc = load_table("fcos_centerness")
     assert [fc.row(n).published["AP"] for n in ("none", "cls", "reg")] == [33.5, 37.1, 37.4]
-    assert fc.row("computed").optional and "computed" not in [r.name for r in fc.runnable_rows()]
+    assert not fc.row("computed").optional and "computed" in [r.name for r in fc.runnable_rows()]
 
 
 def _minimal_table(**changes) -> dict:
@@ -112,7 +112,8 @@ overrides = {}
 train_overrides = {}
 out_dir = "out"
 record_path = ""
-quick = False"""
+quick = False
+weights_from = ''"""
 
 DUMMY_BODY = """from onestage.experiments.records import write_json_atomic
 if overrides.get("explode"):
@@ -224,6 +225,76 @@ def test_identical_configs_across_tables_share_one_run(tmp_path):
     shared = read_record(base4[0]["record_path"])
     assert shared["metrics"]["segm"]["AP"] == 12.5 and shared["row"] == "factor=4" and shared["table"] == t4.id
     assert shared["shared_from"] == done["record_path"]
+
+
+def test_rows_that_change_inference_only_evaluate_the_source_rows_weights(tmp_path):
+    """FCOS center-ness 'computed' trains as 'none'; SOLO's NMS kinds train alike: one training per seed."""
+    fc = load_table("fcos_centerness")
+    jobs = runner.plan_runs(fc, seeds=2, out=tmp_path, preset="smoke")
+    by = {(j["row"], j["seed"]): j for j in jobs}
+    for seed in (0, 1):
+        comp, none = by[("computed", seed)], by[("none", seed)]
+        assert comp["train_key"] == none["train_key"] and comp["config_key"] != none["config_key"]
+        assert comp["parameters"]["weights_from"] == none["parameters"]["out_dir"]
+        assert comp["weights_source"] == none["record_path"]
+        for row in ("none", "cls", "reg"):
+            assert by[(row, seed)]["parameters"]["weights_from"] == "" and "weights_source" not in by[(row, seed)]
+    assert [j["row"] for j in jobs][-2:] == ["computed", "computed"]  # after every source
+    assert len({by[(r, 0)]["train_key"] for r in ("none", "cls", "reg")}) == 3
+    nms = runner.plan_runs(load_table("solo_nms"), seeds=1, out=tmp_path, preset="smoke")
+    assert [(j["row"], bool(j["parameters"]["weights_from"])) for j in nms] == [("mask_nms", False),
+                                                                              ("matrix_nms", True)]
+    # --rows computed alone: no finished source → it trains itself; once 'none' finished with a final.pt, it is used
+    alone = runner.plan_runs(fc, seeds=1, out=tmp_path, preset="smoke", rows=["computed"])
+    assert alone[0]["parameters"]["weights_from"] == ""
+    none0 = by[("none", 0)]
+    write_json_atomic(none0["record_path"], {"status": "finished", "metrics": {}})
+    Path(none0["parameters"]["out_dir"]).mkdir(parents=True)
+    (Path(none0["parameters"]["out_dir"]) / "final.pt").write_bytes(b"")
+    alone = runner.plan_runs(fc, seeds=1, out=tmp_path, preset="smoke", rows=["computed"])
+    assert alone[0]["parameters"]["weights_from"] == none0["parameters"]["out_dir"]
+
+
+def test_a_row_whose_weight_source_failed_fails_with_the_reason(dummy):
+    table_path, nb, out = dummy
+    jobs = runner.plan_runs(load_table(table_path), seeds=1, out=out, notebook=nb, timeout=60)
+    bad = next(j for j in jobs if j["row"] == "bad")
+    good = next(j for j in jobs if j["row"] == "good")
+    good["weights_source"] = bad["record_path"]  # as if 'good' evaluated the weights 'bad' trains
+    summaries, _ = runner.run_jobs([good, bad], workers=2, progress=False)  # 'good' must wait for 'bad'
+    status = {s["row"]: s for s in summaries}
+    assert status["bad"]["status"] == "failed" and status["good"]["status"] == "failed"
+    assert "did not finish" in status["good"]["error"] and bad["record_path"] in status["good"]["error"]
+    assert read_record(good["record_path"])["weights_source"] == bad["record_path"]
+
+
+def test_load_trained_weights_accepts_inference_changes_only(tmp_path):
+    import torch
+
+    import onestage
+    from onestage.data.synthetic import ensure_synthetic
+    from onestage.config import get_train_config
+    from onestage.data import datasets_for_config
+    from onestage.engine.train import train
+    from onestage.experiments.experiment import load_trained_weights
+
+    root = tmp_path / "data"
+    ensure_synthetic(root, num_train=4, num_val=2, progress=False)
+    cfg = get_train_config("smoke", max_iters=2, checkpoint_every=2)
+    train_set, _ = datasets_for_config(f"synthetic:{root}", cfg, model="fcos")
+    torch.manual_seed(0)
+    src = onestage.build_model("fcos", preset="smoke", num_classes=train_set.num_classes, centerness_on="none")
+    train(src, train_set, cfg, tmp_path / "run", progress=False)
+    comp = onestage.build_model("fcos", preset="smoke", num_classes=train_set.num_classes, centerness_on="computed",
+                                score_thresh=0.2)
+    summary = load_trained_weights(comp, tmp_path / "run")
+    assert summary["iterations"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), comp.state_dict().values()))
+    cls = onestage.build_model("fcos", preset="smoke", num_classes=train_set.num_classes, centerness_on="cls")
+    with pytest.raises(ValueError, match="centerness_on"):
+        load_trained_weights(cls, tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="final.pt"):
+        load_trained_weights(comp, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------------ aggregate

@@ -162,6 +162,29 @@ def git_dirty(cwd: Optional[Path] = None) -> Optional[bool]:
     return bool(res.stdout.strip()) if res.returncode == 0 else None
 
 
+def load_trained_weights(model, run_dir) -> dict:
+    """Load the weights another run trained (``run_dir/final.pt``) into ``model`` and return that run's
+    ``summary.json``. Refuses when the checkpoint's model trains differently from ``model``
+    (:func:`onestage.modeling.training_view`) — only inference may differ — or when it did not finish."""
+    import json
+
+    from onestage.engine.checkpoint import load_checkpoint
+    from onestage.modeling import training_view
+
+    run_dir = Path(run_dir)
+    final = run_dir / "final.pt"
+    if not final.is_file():
+        raise FileNotFoundError(f"weights_from: {final} does not exist (the source run has not finished)")
+    ckpt = load_checkpoint(final)
+    source_cfg = type(model.cfg)(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_cfg"].items()})
+    if training_view(source_cfg) != training_view(model.cfg):
+        theirs, ours = training_view(source_cfg), training_view(model.cfg)
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        raise ValueError(f"weights_from: {final} trained another model (fields {diff} differ beyond inference)")
+    model.load_state_dict(ckpt["model"])
+    return json.loads((run_dir / "summary.json").read_text())
+
+
 def pick_metrics(metrics: dict) -> dict:
     """Keep the COCO summary numbers per IoU type (bbox, segm): AP, AP50, AP75, APs, APm, APl."""
     keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -171,9 +194,11 @@ def pick_metrics(metrics: dict) -> dict:
 def make_record(*, model: str, preset: str, effective_preset: str, quick: bool, seed: int, data: str,
                 overrides: dict, model_cfg: dict, train_cfg: dict, metrics: dict, train_summary: dict,
                 train_time_s: float, inference_ms_per_image: float, num_val_images: int,
-                cost: Optional[dict] = None) -> dict:
+                cost: Optional[dict] = None, weights_from: Optional[str] = None) -> dict:
     """The one record a finished run leaves (``status: finished``); see ``data/paper_tables/README.md``.
-    ``cost`` (from :func:`cost_summary`) is stored as ``record["cost"]``."""
+    ``cost`` (from :func:`cost_summary`) is stored as ``record["cost"]``. ``weights_from``: the run whose trained
+    weights this one evaluated instead of training (its ``train_time_s`` and iterations are that run's)."""
+    extra = {"weights_from": str(weights_from)} if weights_from else {}
     return {
         "format": RECORD_FORMAT,
         "status": "finished",
@@ -200,4 +225,5 @@ def make_record(*, model: str, preset: str, effective_preset: str, quick: bool, 
         "git_commit": git_commit(),
         "git_dirty": git_dirty(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **extra,
     }

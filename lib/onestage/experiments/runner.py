@@ -14,6 +14,10 @@ small machines:
   error and the end of the traceback, shown in the final table; the executed notebook is kept next to it.
 * **Ctrl-C stops launching new runs.** Runs already started are waited for (they usually fail with the interrupt
   and are retried next time); a second Ctrl-C abandons them. Finished records always stay.
+* **Rows that change inference only share their training.** A row whose model config trains exactly as an earlier
+  row's (:func:`onestage.modeling.training_view`: FCOS center-ness computed from the regression, SOLO's NMS kind,
+  CondInst's mask NMS) evaluates that row's trained weights of the same seed (``weights_from``) instead of training
+  the same model again: half the runs of such a table, and the two rows differ by their inference alone.
 * **A few runs at once** (``--workers``): each run lives in its own worker process (and its own kernel), started a
   few at a time so that the 2-core laptops this targets are not oversubscribed.
 
@@ -48,7 +52,7 @@ from onestage.experiments.tables import PaperTable, TableError, list_tables, loa
 
 #: The parameter names the runner passes; the experiment notebook's ``parameters`` cell must define each of them.
 RUNNER_PARAMETERS = ("model", "preset", "data", "seed", "overrides", "train_overrides", "out_dir", "record_path",
-                     "quick")
+                     "quick", "weights_from")
 PRESETS = ("cpu", "fast", "smoke", "paper")
 DEFAULT_TIMEOUT_S = 4 * 3600
 TRACEBACK_LINES = 40
@@ -117,9 +121,11 @@ def plan_runs(
                 "out_dir": str(rec.parent / stem),
                 "record_path": str(rec),
                 "quick": bool(quick),
+                "weights_from": "",
             }
             jobs.append({
                 "config_key": config_key(params),
+                "train_key": train_key(params),
                 "table": table.id,
                 "row": row.name,
                 "seed": seed,
@@ -131,7 +137,63 @@ def plan_runs(
                 "kernel": kernel,
                 "cwd": str((cwd or repo_root()).resolve()),
             })
-    return jobs
+    return assign_weight_sources(jobs, table, out, seeds)
+
+
+def assign_weight_sources(jobs: list[dict], table: PaperTable, out: Path, seeds: int) -> list[dict]:
+    """Point each job whose model trains exactly as an earlier row's (same :func:`train_key`, another
+    :func:`config_key`) at that row's run of the same seed (``parameters["weights_from"]``, ``weights_source``:
+    its record), and order such jobs after all others. The source is the first row of the table, in its order,
+    with the same training; a source outside this plan (``--rows``) is used only if its run finished with a
+    ``final.pt``, otherwise the job trains itself."""
+    if not jobs:
+        return jobs
+    planned = {(j["row"], j["seed"]): j for j in jobs}
+    first: dict = {}  # (train_key, seed) → (row name, config_key) of the first row that trains it
+    for row in table.runnable_rows([r.name for r in table.rows if r.reproduce]):
+        for seed in range(seeds):
+            job = planned.get((row.name, seed))
+            params = job["parameters"] if job else {**next(iter(planned.values()))["parameters"], "seed": seed,
+                                                        "overrides": table.model_overrides(row)}
+            tk, ck = train_key(params), config_key(params)
+            if tk is not None:
+                first.setdefault((tk, seed), (row.name, ck))
+    for job in jobs:
+        src = first.get((job["train_key"], job["seed"]))
+        if src is None or src[0] == job["row"] or src[1] == job["config_key"]:
+            continue
+        src_rec = record_path(out, table.id, src[0], job["seed"])
+        src_dir = src_rec.parent / run_stem(src[0], job["seed"])
+        if (src[0], job["seed"]) not in planned and not (is_finished(src_rec) and (src_dir / "final.pt").is_file()):
+            continue
+        job["parameters"]["weights_from"] = str(src_dir)
+        job["weights_source"] = str(src_rec)
+    return sorted(jobs, key=lambda j: "weights_source" in j)  # stable: sources first
+
+
+def _run_digest(params: dict, view) -> Optional[str]:
+    import hashlib
+    import json
+
+    from onestage.modeling import get_model_config
+
+    effective = "smoke" if params.get("quick") else params["preset"]
+    try:
+        cfg = view(get_model_config(params["model"], effective, **params["overrides"]))
+    except (TypeError, ValueError):
+        return None  # an unknown override: the run itself will fail loudly and be recorded as failed
+    blob = json.dumps({"model": params["model"], "preset": effective, "cfg": cfg, "data": params["data"],
+                       "seed": params["seed"], "train": params["train_overrides"], "quick": bool(params["quick"])},
+                      sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def train_key(params: dict) -> Optional[str]:
+    """Like :func:`config_key`, over the config's :func:`onestage.modeling.training_view`: equal for two runs that
+    train the same weights, even when their inference differs."""
+    from onestage.modeling import training_view
+
+    return _run_digest(params, training_view)
 
 
 def config_key(params: dict) -> Optional[str]:
@@ -140,20 +202,8 @@ def config_key(params: dict) -> Optional[str]:
     overrides and quick mode. Two jobs with the same key train the same model on the same data with the same seed —
     a paper's baseline row typically appears in every table of a paper. ``None`` if the config cannot be built."""
     import dataclasses
-    import hashlib
-    import json
 
-    from onestage.modeling import get_model_config
-
-    effective = "smoke" if params.get("quick") else params["preset"]
-    try:
-        cfg = dataclasses.asdict(get_model_config(params["model"], effective, **params["overrides"]))
-    except (TypeError, ValueError):
-        return None  # an unknown override: the run itself will fail loudly and be recorded as failed
-    blob = json.dumps({"model": params["model"], "preset": effective, "cfg": cfg, "data": params["data"],
-                       "seed": params["seed"], "train": params["train_overrides"], "quick": bool(params["quick"])},
-                      sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()
+    return _run_digest(params, dataclasses.asdict)
 
 
 def find_shared_record(job: dict) -> Optional[Path]:
@@ -210,7 +260,10 @@ def execute_job(job: dict) -> dict:
     rec_path = Path(job["record_path"])
     rec_path.parent.mkdir(parents=True, exist_ok=True)
     error = tb = None
+    source = job.get("weights_source")
     try:
+        if source and not is_finished(source):
+            raise RuntimeError(f"the run whose trained weights this row evaluates did not finish: {source}")
         papermill.execute_notebook(
             job["notebook"],
             job["output_notebook"],
@@ -233,7 +286,10 @@ def execute_job(job: dict) -> dict:
     if error is None and (rec is None or rec.get("status") != "finished"):
         error = f"notebook ran to the end but left no finished record at {rec_path}"
     run_info = {"table": job["table"], "row": job["row"], "seed": job["seed"], "config_key": job.get("config_key"),
-                "executed_notebook": job["output_notebook"], "wall_s": round(seconds, 2)}
+                "train_key": job.get("train_key"), "executed_notebook": job["output_notebook"],
+                "wall_s": round(seconds, 2)}
+    if source:
+        run_info["weights_source"] = source
     if error is None:
         write_json_atomic(rec_path, {**rec, **run_info})
         return {"row": job["row"], "seed": job["seed"], "status": "finished", "error": None, "seconds": seconds}
@@ -259,8 +315,9 @@ def run_jobs(jobs: list[dict], workers: int = 1, progress: bool = True) -> tuple
 
     Jobs whose record is already finished are skipped (summary status ``"skipped"``); a job whose exact
     configuration already finished for another table under the same results root reuses that record (status
-    ``"shared"``, the record names its source) instead of training the same model again. Jobs are submitted lazily,
-    so an interrupt only has to stop the loop: nothing queued needs cancelling.
+    ``"shared"``, the record names its source) instead of training the same model again. A job that evaluates
+    another run's weights (``weights_source``) starts only once that run has ended. Jobs are submitted lazily, so an
+    interrupt only has to stop the loop: nothing queued needs cancelling.
     """
     from tqdm.auto import tqdm
 
@@ -281,8 +338,15 @@ def run_jobs(jobs: list[dict], workers: int = 1, progress: bool = True) -> tuple
     failures = 0
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked threads or sockets
     with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=_worker_init) as pool:
-        queue = iter(todo)
+        queue = list(todo)
         running: dict = {}
+
+        def next_ready():
+            busy = {j["record_path"] for j in running.values()} | {j["record_path"] for j in queue}
+            for k, j in enumerate(queue):
+                if j.get("weights_source") not in busy:
+                    return queue.pop(k)
+            return None
 
         def collect(done):
             nonlocal failures
@@ -305,7 +369,7 @@ def run_jobs(jobs: list[dict], workers: int = 1, progress: bool = True) -> tuple
         try:
             while True:
                 while not interrupted and len(running) < max(1, workers):
-                    job = next(queue, None)
+                    job = next_ready()
                     if job is None:
                         break
                     running[pool.submit(execute_job, job)] = job
@@ -441,7 +505,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         for j in jobs:
             state = "finished" if is_finished(j["record_path"]) else "to run"
-            print(f"{j['row']:20s} seed {j['seed']}  {state:9s} {j['record_path']}  overrides={j['parameters']['overrides']}")
+            shared = f"  weights_from={j['parameters']['weights_from']}" if j["parameters"]["weights_from"] else ""
+            print(f"{j['row']:20s} seed {j['seed']}  {state:9s} {j['record_path']}  overrides={j['parameters']['overrides']}"
+                  f"{shared}")
         return 0
 
     summaries, interrupted = run_jobs(jobs, workers=args.workers, progress=not args.no_progress)

@@ -97,6 +97,21 @@ def get_model_config(name: str, preset: str = "cpu", **overrides):
     return dataclasses.replace(cfg, **overrides)
 
 
+def training_view(cfg) -> dict:
+    """The part of a model config that decides training: ``dataclasses.asdict(cfg)`` without the fields the config
+    class lists in ``INFERENCE_ONLY`` (thresholds, NMS kind, ...), with the values in ``TRAINS_AS`` mapped to the
+    value they train as (FCOS ``centerness_on="computed"`` trains as ``"none"``). Two configs with the same view
+    train the same weights from the same seed, so an ablation row that changes only inference can evaluate another
+    row's trained weights (``onestage reproduce`` does: the row's record names them in ``weights_from``)."""
+    view = dataclasses.asdict(cfg)
+    for name in getattr(cfg, "INFERENCE_ONLY", ()):
+        view.pop(name, None)
+    for name, mapping in getattr(cfg, "TRAINS_AS", {}).items():
+        if view.get(name) in mapping:
+            view[name] = mapping[view[name]]
+    return view
+
+
 def build_model(name: str, preset: str = "cpu", num_classes: int = 80, **overrides):
     cfg = get_model_config(name, preset, **overrides)
     _, model_cls = MODELS[name]

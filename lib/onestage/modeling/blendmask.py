@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import ClassVar, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,8 @@ class BlendMaskConfig(FCOSConfig):
     blender: str = "blender"                    # "blender" | "yolact" (M = 1) | "fcis" (fixed one-hot, nearest)
     instance_loss_weight: float = 1.0           # INSTANCE_LOSS_WEIGHT
     mask_thresh: float = 0.5                    # paste threshold (detectron2 paste_masks_in_image)
+
+    INFERENCE_ONLY: ClassVar[tuple] = FCOSConfig.INFERENCE_ONLY + ("mask_thresh",)
 
     def __post_init__(self):
         if self.blender not in BLENDER_MODES:

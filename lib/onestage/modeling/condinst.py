@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import ClassVar, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,9 @@ class CondInstConfig(FCOSConfig):
     mask_nms_thresh: float = 0.5           # mask-IoU threshold of that NMS (the paper does not state it; SOLO's 0.5)
     mask_nms_max_candidates: int = 500     # candidates given masks before mask NMS (bounds time and memory)
     thresh_with_ctr: bool = True           # AdelaiDet Base-CondInst FCOS override
+
+    INFERENCE_ONLY: ClassVar[tuple] = FCOSConfig.INFERENCE_ONLY + (
+        "mask_threshold", "mask_nms", "mask_nms_thresh", "mask_nms_max_candidates")
 
     def __post_init__(self):
         if self.rel_coords not in COORD_MODES:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Sequence
+from typing import ClassVar, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -103,6 +103,11 @@ class FCOSConfig:
     pixel_mean: tuple = (0.485, 0.456, 0.406)
     pixel_std: tuple = (0.229, 0.224, 0.225)
     size_divisibility: int = 32
+
+    #: fields that change inference only, and values that train as another (``onestage.modeling.training_view``)
+    INFERENCE_ONLY: ClassVar[tuple] = ("score_thresh", "pre_nms_topk", "nms_thresh", "detections_per_img",
+                                       "thresh_with_ctr")
+    TRAINS_AS: ClassVar[dict] = {"centerness_on": {"computed": "none"}}
 
     @property
     def strides(self) -> List[int]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from typing import Callable, ClassVar, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +144,11 @@ class SOLOConfig:
     matrix_nms_sigma: float = 2.0
     mask_nms_thresh: float = 0.5           # AdelaiDet passes MASK_THR as the IoU threshold of its "mask" NMS
     max_candidates: int = 1000             # ours: at most this many (cell, class) pairs get a mask (memory bound)
+
+    #: fields that change inference only (``onestage.modeling.training_view``)
+    INFERENCE_ONLY: ClassVar[tuple] = ("score_thresh", "mask_thresh", "update_thresh", "nms_pre", "detections_per_img",
+                                       "nms", "matrix_nms_kernel", "matrix_nms_sigma", "mask_nms_thresh",
+                                       "max_candidates")
     # --- input ---
     pixel_mean: tuple = (0.485, 0.456, 0.406)
     pixel_std: tuple = (0.229, 0.224, 0.225)

@@ -24,7 +24,7 @@ are the tight boxes of the predicted masks, so box AP is meaningful.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Sequence
+from typing import ClassVar, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +120,11 @@ class SOLOv2Config:
     matrix_nms_sigma: float = 2.0
     mask_nms_thresh: float = 0.5
     max_candidates: int = 1000             # ours: a memory bound on the (cell, class) pairs that get a mask
+
+    #: fields that change inference only (``onestage.modeling.training_view``)
+    INFERENCE_ONLY: ClassVar[tuple] = ("score_thresh", "mask_thresh", "update_thresh", "nms_pre", "detections_per_img",
+                                       "nms", "matrix_nms_kernel", "matrix_nms_sigma", "mask_nms_thresh",
+                                       "max_candidates")
     # --- input ---
     pixel_mean: tuple = (0.485, 0.456, 0.406)
     pixel_std: tuple = (0.229, 0.224, 0.225)
