@@ -75,6 +75,7 @@ def test_export_model_is_small_fp16_and_loads_back(tmp_path):
     assert all(v.dtype == torch.float16 for v in raw["model"].values() if v.is_floating_point())
     assert raw["card"] == {"AP": 12.5, "data": "toy"}
     assert (tmp_path / "small.pt.json").read_text().strip().startswith("{")
+    assert ck.checkpoint_card(dst) == {"AP": 12.5, "data": "toy"} and ck.checkpoint_card(src) == {}
     loaded = ck.load_model(dst)
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert b.dtype == a.dtype, k  # cast back to the model's own precision

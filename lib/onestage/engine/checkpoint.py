@@ -39,6 +39,7 @@ __all__ = [
     "load_checkpoint",
     "make_checkpoint",
     "load_model",
+    "checkpoint_card",
     "model_from_checkpoint",
     "get_rng_state",
     "set_rng_state",
@@ -322,6 +323,13 @@ def model_from_checkpoint(ckpt: dict, map_location="cpu") -> nn.Module:
 def load_model(path: os.PathLike, map_location="cpu") -> nn.Module:
     """Rebuild a model from an onestage checkpoint file, in eval mode, with ``.class_names`` attached."""
     return model_from_checkpoint(load_checkpoint(path, map_location="cpu"), map_location=map_location)
+
+
+def checkpoint_card(path: os.PathLike) -> dict:
+    """The card :func:`export_model` wrote beside a checkpoint (``<path>.json``: data, iterations, training time,
+    metrics, machine, the command that remakes it), or ``{}`` when there is none (a training run's own ``final.pt``)."""
+    card = Path(str(path) + ".json")
+    return json.loads(card.read_text()) if card.is_file() else {}
 
 
 def export_model(src: os.PathLike, dst: os.PathLike, half: bool = True, card: Optional[dict] = None) -> Path:
