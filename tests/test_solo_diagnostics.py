@@ -94,6 +94,12 @@ def test_untrained_models_report_every_positive_pair_in_range(build):
     batch, _ = model.preprocess([image])
     expected = sum(c.numel() for c in model.assign([target], batch.shape[-2:]).cells)
     assert report["num_pairs"] == expected > 0
+    levels = report["per_level"]
+    assert [lv["S"] for lv in levels] == list(model.grid_numbers)
+    assert sum(lv["num_pairs"] for lv in levels) == expected
+    assert [lv["num_pairs"] for lv in levels] == [c.numel() for c in model.assign([target], batch.shape[-2:]).cells]
+    # the level's feature map: the 96×128 image padded to 96×128, divided by the level's stride (rounded up)
+    assert [lv["feature_hw"] for lv in levels] == [[-(-96 // st), -(-128 // st)] for st in model.strides]
     # an untrained category branch sits at the focal prior (0.01) and is below the 0.1 threshold everywhere
     assert report["gt_class_score"]["median"] == pytest.approx(0.01, abs=0.01)
     assert report["frac_gt_score_above"]["0.1"] == 0.0

@@ -62,19 +62,25 @@ def positive_cell_diagnostics(model, dataset, max_images: Optional[int] = 40, ma
     sigmoid score of the object's class at its cells) with ``frac_gt_score_above`` (0.1 = the inference score
     threshold, 0.3), ``class_accuracy`` (fraction of pairs whose top-scoring class is the object's), and
     ``mask_iou`` (median / mean IoU of the cell's mask, binarised at ``mask_thresh``, with the object's mask at the
-    same resolution) with ``frac_mask_iou_above`` (0.5, 0.75). The model's train/eval mode is restored.
+    same resolution) with ``frac_mask_iou_above`` (0.5, 0.75). ``per_level`` repeats the pair count, median class
+    score, class accuracy and median mask IoU for each FPN level, with its grid ``S`` and ``feature_hw``, the size of
+    the level's feature map on the last image: where that map is coarser than the grid (a small input on P4–P6),
+    neighbouring cells see interpolated copies of one feature pixel. The model's train/eval mode is restored.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     gt_scores, correct, ious = [], [], []
+    level_of, feature_hw = [], {}
     try:
         for i in range(n):
             image, target = dataset[i]
             batch, _ = model.preprocess([image.to(device)])
             canvas = batch.shape[-2:]
             head_out = _head_outputs(model, batch)
+            feature_hw = {lvl: [-(-int(canvas[0]) // st), -(-int(canvas[1]) // st)]
+                          for lvl, st in enumerate(model.strides)}  # the level's input to the grid resize
             assigned = model.assign([target], canvas)
             labels = target["labels"].to(device)
             for lvl, cells in enumerate(assigned.cells):
@@ -90,9 +96,19 @@ def positive_cell_diagnostics(model, dataset, max_images: Optional[int] = 40, ma
                 inter = (pred & gt).flatten(1).sum(1).float()
                 union = (pred | gt).flatten(1).sum(1).float()
                 ious.append(inter / union.clamp(min=1))
+                level_of.append(torch.full((len(cells),), lvl))
     finally:
         model.train(was_training)
     s, c, iou = (torch.cat(parts).float().cpu() if parts else torch.zeros(0) for parts in (gt_scores, correct, ious))
+    lv = torch.cat(level_of) if level_of else torch.zeros(0, dtype=torch.long)
+    per_level = []
+    for lvl, grid in enumerate(model.grid_numbers):
+        sel = lv == lvl
+        per_level.append({"level": lvl, "S": int(grid), "feature_hw": feature_hw.get(lvl),
+                          "num_pairs": int(sel.sum()),
+                          "gt_class_score_median": float(s[sel].median()) if sel.any() else float("nan"),
+                          "class_accuracy": float(c[sel].mean()) if sel.any() else float("nan"),
+                          "mask_iou_median": float(iou[sel].median()) if sel.any() else float("nan")})
     return {
         "images": n,
         "num_pairs": int(s.numel()),
@@ -101,6 +117,7 @@ def positive_cell_diagnostics(model, dataset, max_images: Optional[int] = 40, ma
         "class_accuracy": float(c.mean()) if c.numel() else float("nan"),
         "mask_iou": _quantiles(iou),
         "frac_mask_iou_above": _fractions_above(iou, (0.5, 0.75)),
+        "per_level": per_level,
     }
 
 
