@@ -236,3 +236,46 @@ def test_config_rejects_unknown_coordinate_mode():
         CondInstConfig(rel_coords="polar")
     with pytest.raises(TypeError):
         onestage.build_model("condinst", "smoke", num_classes=3, mask_head_depthh=2)
+
+
+def test_mask_centers_by_hand_and_empty_mask_falls_back_to_the_box():
+    from onestage.structures import mask_centers
+
+    m = torch.zeros(2, 6, 8, dtype=torch.uint8)
+    m[0, 1:3, 2:6] = 1  # pixels x 2..5, y 1..2 (alone: centre (3.5, 1.5), in pixel indices as the reference)
+    m[0, 5, 7] = 1      # plus one pixel at (7, 5): x = ((2+3+4+5)·2 + 7) / 9 = 35/9, y = (1·4 + 2·4 + 5) / 9 = 17/9
+    boxes = torch.tensor([[2.0, 1.0, 8.0, 6.0], [0.0, 0.0, 4.0, 2.0]])
+    c = mask_centers(m, boxes)
+    torch.testing.assert_close(c, torch.tensor([[35 / 9, 17 / 9], [2.0, 1.0]]))  # mask 1 empty → box centre
+    assert mask_centers(m[:0]).shape == (0, 2)
+
+
+def test_center_sampling_is_around_the_mask_centre_of_mass():
+    """CondInst samples positives around the mask's centroid (AdelaiDet get_sample_region with gt_bitmasks_full):
+    for an L-shaped mask that is far from the box centre, so the positives move with it."""
+    from onestage.modeling.fcos import compute_locations
+
+    model = onestage.build_model("condinst", "smoke", num_classes=2).train()
+    mask = torch.zeros(1, 256, 256, dtype=torch.uint8)
+    mask[0, 20:200, 20:60] = 1
+    mask[0, 160:200, 20:200] = 1  # an L: centroid (78.9, 140.1), box centre (110, 110)
+    target = {"boxes": torch.tensor([[20.0, 20.0, 200.0, 200.0]]), "labels": torch.tensor([1]), "masks": mask}
+    seen = {}
+    real_assign = model.assign
+
+    def spy(locations, targets):
+        seen["targets"] = targets
+        seen["assigned"] = real_assign(locations, targets)
+        return seen["assigned"]
+
+    model.assign = spy
+    model([torch.rand(3, 256, 256)], [target])
+    torch.testing.assert_close(seen["targets"][0]["centers"], torch.tensor([[78.875, 140.125]]))
+    a = seen["assigned"]
+    pos = (a.labels.reshape(-1) != 2).nonzero().squeeze(1)
+    strides = model.strides
+    locs = torch.cat(compute_locations([(-(-256 // s), -(-256 // s)) for s in strides], strides))
+    radius = 1.5 * torch.tensor([float(strides[int(l)]) for l in a.fpn_levels.reshape(-1)[pos]])
+    assert len(pos) > 0
+    assert ((locs[pos] - torch.tensor([78.875, 140.125])).abs().max(dim=1).values < radius).all()
+    assert ((locs[pos] - torch.tensor([110.0, 110.0])).abs().max(dim=1).values >= radius).any()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -73,6 +73,29 @@ def masks_to_boxes(masks: Tensor) -> Tensor:
     boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
     boxes[~rows.any(dim=1)] = 0
     return boxes
+
+
+def mask_centers(masks: Tensor, boxes: Optional[Tensor] = None) -> Tensor:
+    """Centres of mass ``N×2`` (x, y) of ``N×H×W`` masks, in pixel *indices* as the CondInst reference computes them
+    (AdelaiDet ``FCOSOutputs.get_sample_region``: ``Σ x·m / Σ m`` with ``x = 0 … W−1``), so a mask covering pixels
+    0…9 has its centre at 4.5, half a pixel left of its box centre 5.0 (the reference's convention, kept for
+    equality). An empty mask (the reference would give (0, 0)) falls back to the centre of its ``boxes`` row when
+    given, else (0, 0)."""
+    n = masks.shape[0]
+    if n == 0:
+        return masks.new_zeros((0, 2), dtype=torch.float32)
+    m = masks.float()
+    h, w = m.shape[-2:]
+    xs = torch.arange(w, dtype=torch.float32, device=m.device)
+    ys = torch.arange(h, dtype=torch.float32, device=m.device)
+    area = m.sum(dim=(1, 2))
+    centers = torch.stack([(m.sum(dim=1) * xs).sum(dim=1), (m.sum(dim=2) * ys).sum(dim=1)], dim=1)
+    centers = centers / area.clamp(min=1e-6)[:, None]
+    if boxes is not None:
+        empty = area == 0
+        box_centers = torch.stack([boxes[:, [0, 2]].mean(dim=1), boxes[:, [1, 3]].mean(dim=1)], dim=1).float()
+        centers[empty] = box_centers.to(centers.device)[empty]
+    return centers
 
 
 def mask_iou(masks_a: Tensor, masks_b: Tensor) -> Tensor:

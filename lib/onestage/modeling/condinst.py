@@ -34,7 +34,7 @@ from onestage.modeling.backbone import level_stride
 from onestage.modeling.fcos import FCOS, FCOSConfig, FCOSHeadOutputs, compute_locations, flatten_levels
 from onestage.modeling.losses import dice_loss
 from onestage.ops.dynamic_mask_head import COORD_MODES, dynamic_mask_head, num_dynamic_params
-from onestage.structures import mask_nms as greedy_mask_nms
+from onestage.structures import mask_centers, mask_nms as greedy_mask_nms
 
 __all__ = ["CondInstConfig", "CondInst", "MaskBranch", "aligned_bilinear", "sample_gt_masks"]
 
@@ -324,6 +324,10 @@ class CondInst(FCOS):
         mask_feats = self.mask_branch([feats[i] for i in self.mask_in_indices])
         padded = tuple(batch.shape[-2:])
         if self.training:
+            # center sampling around each instance's mask centre of mass, not its box centre (AdelaiDet passes the
+            # masks to FCOS's get_sample_region, which then uses their centroids)
+            targets = [{**t, "centers": mask_centers(t["masks"], t["boxes"])} if "centers" not in t else t
+                       for t in targets]
             losses, extras = self.losses(head_out, locations, targets, return_extras=True)
             params = self.controller_params(head_out)
             losses["loss_mask"] = self.mask_loss(mask_feats, params, extras, locations, targets, padded)
