@@ -132,7 +132,8 @@ class SOLOConfig:
     focal_gamma: float = 2.0
     loss_weight_cls: float = 1.0
     dice_weight: float = 3.0
-    min_mask_area: int = 10                # SOLOHead skips masks of < 10 pixels as targets
+    min_mask_area: int = 10                # WXinlong/SOLO mmdet/models/anchor_heads/solo_head.py (the SOLO authors' code):
+    #                                        "if seg_mask.sum() < 10: continue"; AdelaiDet's SOLOv2 keeps any non-empty mask
     # --- inference (test_cfg of the published configs, REFERENCE §2.5) ---
     score_thresh: float = 0.1
     mask_thresh: float = 0.5

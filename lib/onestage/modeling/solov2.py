@@ -108,7 +108,7 @@ class SOLOv2Config:
     focal_gamma: float = 2.0
     loss_weight_cls: float = 1.0
     dice_weight: float = 3.0
-    min_mask_area: int = 1                 # the SOLOv2 targets skip only empty masks
+    min_mask_area: int = 1                 # AdelaiDet adet/modeling/solov2/solov2.py skips only empty masks
     # --- inference (NMS_PRE, SCORE_THR, UPDATE_THR, MASK_THR, MAX_PER_IMG, NMS_TYPE, NMS_KERNEL, NMS_SIGMA) ---
     score_thresh: float = 0.1
     mask_thresh: float = 0.5
