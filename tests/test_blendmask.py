@@ -139,10 +139,14 @@ def test_mask_targets_crop_and_resize():
 def test_thing_semantic_targets_label_plus_one_at_stride():
     masks = torch.zeros(2, 16, 16, dtype=torch.uint8)
     masks[0, :8, :8] = 1
-    masks[1, 4:8, 4:8] = 1  # smaller, painted last: wins where both are set
+    masks[1, 4:8, 4:8] = 1  # the later annotation: wins where both are set
     sem = thing_semantic_targets([{"masks": masks, "labels": torch.tensor([2, 5])}], 32, 32, stride=4)
     assert sem.shape == (1, 8, 8)
     assert sem[0, 0, 0] == 3 and sem[0, 1, 1] == 6 and sem[0, 0, 2] == 0 and sem[0, 5:, :].sum() == 0
+    # annotation order decides overlaps, as AdelaiDet's prepare_thing_sem_from_instance: the later one wins even
+    # when it is the larger
+    flipped = thing_semantic_targets([{"masks": masks.flip(0), "labels": torch.tensor([5, 2])}], 32, 32, stride=4)
+    assert flipped[0, 1, 1] == 3 and flipped[0, 0, 0] == 3
 
 
 def test_mask_loss_is_centerness_weighted_bce_over_loss_denorm():

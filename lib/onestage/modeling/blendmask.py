@@ -251,17 +251,19 @@ def mask_targets(masks: Tensor, boxes: Tensor, resolution: int) -> Tensor:
 def thing_semantic_targets(targets: Sequence[dict], height: int, width: int, stride: int) -> Tensor:
     """The auxiliary loss's target: per image a ``(height/stride)×(width/stride)`` map of ``label + 1`` under each
     instance mask, 0 for background and padding (AdelaiDet ``prepare_thing_sem_from_instance``, then the nearest
-    1/8 downsampling of the basis module: the top-left pixel of each ``stride×stride`` block). Larger instances are
-    painted first, so where masks overlap the smaller one wins."""
+    1/8 downsampling of the basis module: the top-left pixel of each ``stride×stride`` block). Instances are
+    painted in annotation order, so where masks overlap the *later* annotation wins: that script paints them so
+    (``output[mask == 1] = category + 1`` for each annotation in turn), and BlendMask was trained on its output.
+    (Painting large instances first would let the occluding, usually smaller one win — arguably a better target,
+    but not the published one.)"""
     maps = []
     for tgt in targets:
         masks = tgt["masks"]
         sem = torch.zeros((height, width), dtype=torch.long, device=masks.device)
         if len(masks):
             h, w = masks.shape[-2:]
-            order = torch.argsort(masks.flatten(1).sum(1), descending=True)
-            for i in order.tolist():
-                region = sem[:h, :w]
+            region = sem[:h, :w]
+            for i in range(len(masks)):
                 region[masks[i].bool()] = int(tgt["labels"][i]) + 1
         maps.append(sem[::stride, ::stride])
     return torch.stack(maps)
