@@ -93,3 +93,15 @@ def test_efficientnet_lite0_loads_wheel_weights():
     assert [tuple(f.shape[-2:]) for f in out.values()] == [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]
     assert all(torch.isfinite(f).all() for f in out.values())
     assert not _trainable(bb.body._blocks[2]) and _trainable(bb.body._blocks[3])
+
+
+def test_model_registry_loads_on_every_kind_of_access():
+    """In a fresh interpreter every dict method sees the six models (the registry imports model files lazily)."""
+    import subprocess
+    import sys
+
+    code = ("from onestage.modeling import MODELS; import sys; "
+            "assert MODELS.get('fcos') is not None, 'get'; "
+            "assert len(MODELS.items()) == 6 and len(list(MODELS.values())) == 6, 'items/values'; "
+            "assert 'solov2' in repr(MODELS), 'repr'")
+    subprocess.run([sys.executable, "-c", code], check=True)

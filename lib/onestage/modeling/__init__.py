@@ -52,6 +52,22 @@ class _LazyRegistry(dict):
         self._load()
         return dict.keys(self)
 
+    def values(self):
+        self._load()
+        return dict.values(self)
+
+    def items(self):
+        self._load()
+        return dict.items(self)
+
+    def get(self, key, default=None):
+        self._load()
+        return dict.get(self, key, default)
+
+    def __repr__(self):
+        self._load()
+        return dict.__repr__(self)
+
 
 MODELS = _LazyRegistry()
 
