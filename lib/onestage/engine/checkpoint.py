@@ -44,6 +44,7 @@ __all__ = [
     "get_rng_state",
     "set_rng_state",
     "git_commit",
+    "git_dirty",
     "unwrap_model",
 ]
 
@@ -67,6 +68,17 @@ def git_commit(cwd: Optional[os.PathLike] = None) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------------------------------------------- RNG
+def git_dirty(cwd: Optional[os.PathLike] = None) -> Optional[bool]:
+    """Whether tracked files differ from HEAD: a result from a dirty tree cannot be traced to the commit alone."""
+    cwd = Path(cwd) if cwd is not None else Path(__file__).resolve().parent
+    try:
+        res = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(res.stdout.strip()) if res.returncode == 0 else None
+
+
 def get_rng_state() -> dict:
     """Python, NumPy, torch CPU (and CUDA, if initialised) generator states as tensors / plain containers."""
     py_version, py_internal, py_gauss = random.getstate()

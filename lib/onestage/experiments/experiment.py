@@ -7,12 +7,12 @@ collecting versions and the git commit, and assembling the one JSON record a run
 from __future__ import annotations
 
 import platform
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+from onestage.engine.checkpoint import git_commit, git_dirty
 from onestage.experiments.records import RECORD_FORMAT
 
 #: How many validation images ``quick=True`` evaluates and times: enough to exercise every code path, in seconds.
@@ -139,27 +139,6 @@ def versions() -> dict:
 
     out["onestage"] = onestage.__version__
     return out
-
-
-def git_commit(cwd: Optional[Path] = None) -> Optional[str]:
-    """``git rev-parse HEAD`` of the checkout holding onestage (None outside a git checkout)."""
-    cwd = cwd or Path(__file__).resolve().parent
-    try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return res.stdout.strip() or None if res.returncode == 0 else None
-
-
-def git_dirty(cwd: Optional[Path] = None) -> Optional[bool]:
-    """Whether tracked files differ from HEAD: a result from a dirty tree cannot be traced to the commit alone."""
-    cwd = cwd or Path(__file__).resolve().parent
-    try:
-        res = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return bool(res.stdout.strip()) if res.returncode == 0 else None
 
 
 def load_trained_weights(model, run_dir) -> dict:
