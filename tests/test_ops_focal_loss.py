@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 
-from onestage.modeling.losses import sigmoid_focal_loss as reference
+from onestage.ops.focal_loss import sigmoid_focal_loss_reference as reference
 from onestage.ops import sigmoid_focal_loss
 from triton_interpreter import relative_error, run_interpreted, spy_kernel_launches
 

@@ -11,49 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# The focal loss lives with its kernel (onestage.ops.focal_loss), as every op's reference does; this is that reference.
+from onestage.ops.focal_loss import sigmoid_focal_loss_reference as sigmoid_focal_loss
+
 __all__ = ["sigmoid_focal_loss", "iou_loss_ltrb", "ltrb_ious", "dice_loss"]
-
-
-def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
-                       reduction: str = "sum") -> Tensor:
-    """Sigmoid focal loss (Lin et al., RetinaNet, arXiv 1708.02002 eq. 5) with *integer* class targets.
-
-    ``logits``: ``N×C``; ``targets``: ``N`` int64 in ``0..C`` where ``C`` (= ``num_classes``) means background,
-    the convention of AdelaiDet/detectron2. It equals torchvision's ``sigmoid_focal_loss`` on the one-hot targets
-    (tested); the one-hot matrix is never built: the loss of every logit is computed as a negative, and the
-    positive (location, class) entries, one per foreground location, are then corrected in place of it.
-    This keeps memory at one ``N×C`` tensor, which matters for 80 classes × ~20k locations × batch.
-
-    ``alpha`` weighs positives (``1 - alpha`` negatives); ``alpha < 0`` disables the weighting, as in fvcore.
-    ``reduction``: ``"sum"`` (FCOS divides by #positives itself), ``"mean"`` or ``"none"`` (``N×C``).
-    """
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be N×C, got {tuple(logits.shape)}")
-    num_classes = logits.shape[1]
-    targets = targets.long()
-    p = torch.sigmoid(logits)
-    # negative term for every entry: -(1-alpha) * p^gamma * log(1-p);  BCE(x, 0) = softplus(x) = -log(1-p)
-    loss = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none") * p.pow(gamma)
-    if alpha >= 0:
-        loss = loss * (1 - alpha)
-    fg = (targets >= 0) & (targets < num_classes)
-    if fg.any():
-        rows = fg.nonzero().squeeze(1)
-        cols = targets[rows]
-        x = logits[rows, cols]
-        pt = p[rows, cols]
-        pos = F.binary_cross_entropy_with_logits(x, torch.ones_like(x), reduction="none") * (1 - pt).pow(gamma)
-        if alpha >= 0:
-            pos = pos * alpha
-        # index_put (not in-place on a view of a graph tensor) keeps autograd exact for the replaced entries
-        loss = loss.index_put((rows, cols), pos)
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "none":
-        return loss
-    raise ValueError(f"unknown reduction {reduction!r}")
 
 
 def ltrb_ious(pred: Tensor, target: Tensor, smooth: float = 1.0, eps: float = 1e-7):

@@ -1,6 +1,7 @@
 """Fused sigmoid focal loss (RetinaNet, arXiv 1708.02002 eq. 5) with integer targets: a Triton kernel per direction.
 
-Convention of :func:`onestage.modeling.losses.sigmoid_focal_loss` (the reference, the CPU path and the test oracle):
+Convention of :func:`sigmoid_focal_loss_reference` (the reference, the CPU path and the test oracle, exported to the
+models as :func:`onestage.modeling.losses.sigmoid_focal_loss`):
 ``logits`` ``L×C``, ``targets`` ``L`` integers where ``C`` (or any value outside ``0..C-1``) means background,
 ``alpha`` weighs positives and ``1 - alpha`` negatives (``alpha < 0``: no weighting), sum reduction (FCOS divides by
 the number of positives itself, REFERENCE.md §3.1).
@@ -22,7 +23,7 @@ Cost (``L`` locations, ``C`` classes, ``e`` bytes per logit, ``t`` bytes per tar
 * backward: recomputes the forward terms (no activation saved besides the inputs) and writes the gradient:
   reads ``L·C·e + L·t``, writes ``L·C·e`` bytes; the upstream gradient is read from device memory (no host sync).
 
-The reference in ``losses.py`` makes ~10 full ``L×C`` temporaries in the forward and as many again in autograd's
+The reference makes ~10 full ``L×C`` temporaries in the forward and as many again in autograd's
 backward; the kernels touch each logit once per direction.
 
 Dispatch: :func:`sigmoid_focal_loss` sends CUDA tensors to the custom op ``torch.ops.onestage.sigmoid_focal_loss``
@@ -34,9 +35,9 @@ Triton's interpreter (how the tests check them on machines without a GPU).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from onestage.modeling.losses import sigmoid_focal_loss as sigmoid_focal_loss_reference
 from onestage.ops._triton import (HAS_TRITON, TRITON_INTERPRET, force_reference_from_env, tl, triton,
                                    triton_supported)
 
@@ -109,6 +110,48 @@ if HAS_TRITON:
             # grad is a fresh contiguous L×C tensor
             tl.store(grad_ptr + rows64[:, None] * num_cols + cols[None, :], d.to(grad_ptr.dtype.element_ty),
                      mask=ok)
+
+
+def sigmoid_focal_loss_reference(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
+                                 reduction: str = "sum") -> Tensor:
+    """Sigmoid focal loss (Lin et al., RetinaNet, arXiv 1708.02002 eq. 5) with *integer* class targets.
+
+    ``logits``: ``N×C``; ``targets``: ``N`` int64 in ``0..C`` where ``C`` (= ``num_classes``) means background,
+    the convention of AdelaiDet/detectron2. It equals torchvision's ``sigmoid_focal_loss`` on the one-hot targets
+    (tested); the one-hot matrix is never built: the loss of every logit is computed as a negative, and the
+    positive (location, class) entries, one per foreground location, are then corrected in place of it.
+    This keeps memory at one ``N×C`` tensor, which matters for 80 classes × ~20k locations × batch.
+
+    ``alpha`` weighs positives (``1 - alpha`` negatives); ``alpha < 0`` disables the weighting, as in fvcore.
+    ``reduction``: ``"sum"`` (FCOS divides by #positives itself), ``"mean"`` or ``"none"`` (``N×C``).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be N×C, got {tuple(logits.shape)}")
+    num_classes = logits.shape[1]
+    targets = targets.long()
+    p = torch.sigmoid(logits)
+    # negative term for every entry: -(1-alpha) * p^gamma * log(1-p);  BCE(x, 0) = softplus(x) = -log(1-p)
+    loss = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none") * p.pow(gamma)
+    if alpha >= 0:
+        loss = loss * (1 - alpha)
+    fg = (targets >= 0) & (targets < num_classes)
+    if fg.any():
+        rows = fg.nonzero().squeeze(1)
+        cols = targets[rows]
+        x = logits[rows, cols]
+        pt = p[rows, cols]
+        pos = F.binary_cross_entropy_with_logits(x, torch.ones_like(x), reduction="none") * (1 - pt).pow(gamma)
+        if alpha >= 0:
+            pos = pos * alpha
+        # index_put (not in-place on a view of a graph tensor) keeps autograd exact for the replaced entries
+        loss = loss.index_put((rows, cols), pos)
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "none":
+        return loss
+    raise ValueError(f"unknown reduction {reduction!r}")
 
 
 def _alpha_weights(alpha: float):
