@@ -255,6 +255,19 @@ def test_rows_that_change_inference_only_evaluate_the_source_rows_weights(tmp_pa
     assert alone[0]["parameters"]["weights_from"] == none0["parameters"]["out_dir"]
 
 
+def test_records_name_paths_relative_to_the_repository():
+    from onestage.experiments.records import repo_relative
+
+    root = REPO
+    rec = {"executed_notebook": str(root / "runs" / "reproduce" / "t" / "a__seed0.ipynb"), "n": 3,
+           "parameters": {"out_dir": str(root / "runs" / "x"), "data": "synthetic", "elsewhere": "/opt/data/a.json"},
+           "list": [str(root / "data" / "y.json"), None], "near_miss": str(root) + "-other/z"}
+    out = repo_relative(rec, root)
+    assert out == {"executed_notebook": "runs/reproduce/t/a__seed0.ipynb", "n": 3,
+                   "parameters": {"out_dir": "runs/x", "data": "synthetic", "elsewhere": "/opt/data/a.json"},
+                   "list": ["data/y.json", None], "near_miss": str(root) + "-other/z"}
+
+
 def test_a_row_whose_weight_source_failed_fails_with_the_reason(dummy):
     table_path, nb, out = dummy
     jobs = runner.plan_runs(load_table(table_path), seeds=1, out=out, notebook=nb, timeout=60)

@@ -38,6 +38,19 @@ def write_json_atomic(path: os.PathLike, obj) -> Path:
     return path
 
 
+def repo_relative(obj, root: os.PathLike):
+    """``obj`` (JSON-like) with every string that is a path under ``root`` rewritten relative to it, so a committed
+    record names ``runs/reproduce/...`` rather than the folder of the machine it ran on. Other values are kept."""
+    prefix = str(Path(root).resolve()).rstrip(os.sep) + os.sep
+    if isinstance(obj, str):
+        return obj[len(prefix):] if obj.startswith(prefix) else obj
+    if isinstance(obj, dict):
+        return {k: repo_relative(v, root) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [repo_relative(v, root) for v in obj]
+    return obj
+
+
 def run_stem(row: str, seed: int) -> str:
     return f"{row}__seed{seed}"
 

@@ -45,6 +45,7 @@ from onestage.experiments.records import (
     is_finished,
     read_record,
     record_path,
+    repo_relative,
     run_stem,
     write_json_atomic,
 )
@@ -224,8 +225,9 @@ def find_shared_record(job: dict) -> Optional[Path]:
 def share_record(job: dict, source: Path) -> dict:
     """Write ``job``'s record as a copy of the identical run at ``source`` (marked ``shared_from``)."""
     rec = read_record(source)
-    write_json_atomic(job["record_path"], {**rec, "table": job["table"], "row": job["row"], "seed": job["seed"],
-                                           "shared_from": str(source)})
+    write_json_atomic(job["record_path"], repo_relative({**rec, "table": job["table"], "row": job["row"],
+                                                         "seed": job["seed"], "shared_from": str(source)},
+                                                        job["cwd"]))
     return {"row": job["row"], "seed": job["seed"], "status": "shared", "error": None, "seconds": 0.0}
 
 
@@ -291,9 +293,9 @@ def execute_job(job: dict) -> dict:
     if source:
         run_info["weights_source"] = source
     if error is None:
-        write_json_atomic(rec_path, {**rec, **run_info})
+        write_json_atomic(rec_path, repo_relative({**rec, **run_info}, job["cwd"]))
         return {"row": job["row"], "seed": job["seed"], "status": "finished", "error": None, "seconds": seconds}
-    write_json_atomic(rec_path, {
+    write_json_atomic(rec_path, repo_relative({
         "format": RECORD_FORMAT,
         "status": "failed",
         **run_info,
@@ -301,7 +303,7 @@ def execute_job(job: dict) -> dict:
         "traceback": tb,
         "parameters": job["parameters"],
         "finished": _now(),
-    })
+    }, job["cwd"]))
     return {"row": job["row"], "seed": job["seed"], "status": "failed", "error": error, "seconds": seconds}
 
 
