@@ -70,6 +70,45 @@ def test_bad_inputs_exit_nonzero_with_a_message(tmp_path, toy_checkpoint, capsys
     assert "key=value" in capsys.readouterr().err
 
 
+def test_unreadable_images_and_unknown_formats_are_one_line_errors(tmp_path, toy_checkpoint, capsys, monkeypatch):
+    """Issue 21 items 7 and 9: a truncated PNG or a non-image names the file; a bad --out format is refused before
+    the checkpoint is even loaded."""
+    import onestage.cli as cli
+    from onestage.data.coco import ImageReadError, load_image
+
+    good = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)).save(good)
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(good.read_bytes()[:120])
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    for bad in (truncated, text):
+        with pytest.raises(ImageReadError, match=bad.name):
+            load_image(str(bad))
+        assert main(["predict", "--checkpoint", str(toy_checkpoint), "--image", str(bad),
+                     "--out", str(tmp_path / "o.png")]) == 2
+        err = capsys.readouterr().err
+        assert bad.name in err and "cannot read the image" in err and "Traceback" not in err
+
+    def no_loading(*a, **k):
+        raise AssertionError("the checkpoint was loaded before --out was checked")
+
+    monkeypatch.setattr(cli, "_load", no_loading)
+    assert main(["predict", "--checkpoint", str(toy_checkpoint), "--image", str(good),
+                 "--out", str(tmp_path / "o.xyz")]) == 2
+    assert "unknown image format 'xyz'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option,field", [(["--batch-size", "0"], "batch_size=0"), (["--max-iters", "-3"], "max_iters=-3"),
+                                          (["--lr", "0"], "lr=0"), (["--train-set", "flip_prob=2"], "flip_prob=2")])
+def test_impossible_training_settings_stop_before_training(option, field, tmp_path, capsys):
+    """Issue 21 item 5: `--max-iters -3` used to exit 0 after 0 iterations, `--batch-size 0` to fail in the loader."""
+    assert main(["train", "--preset", "smoke", "--out", str(tmp_path / "r"), "--data", "coco:a.json:b", *option]) == 2
+    err = capsys.readouterr().err
+    assert "invalid training setting" in err and field in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_demo_rejects_an_unknown_model_before_doing_any_work(tmp_path, capsys):
     assert main(["demo", "--model", "yolo", "--out", str(tmp_path / "d"), "--data-root", str(tmp_path / "g")]) != 0
     assert "unknown model 'yolo'" in capsys.readouterr().err

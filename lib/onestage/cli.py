@@ -238,13 +238,22 @@ def predict_figure(model, image, class_names, score_thresh: float, title: Option
 def cmd_predict(args) -> int:
     import torch.nn.functional as F
 
-    from onestage.data.coco import load_image, resized_size
+    from onestage.data.coco import ImageReadError, load_image, resized_size
     from onestage.viz import save_figure
 
     image_path = _require_file(args.image, "image")
+    suffix = Path(args.out).suffix.lstrip(".").lower() or "png"
+    import matplotlib.figure
+
+    formats = matplotlib.figure.Figure().canvas.get_supported_filetypes()
+    if suffix not in formats:  # before the model runs, not after
+        raise UserError(f"--out {args.out}: unknown image format {suffix!r}; use one of {', '.join(sorted(formats))}")
+    try:
+        image = load_image(str(image_path))
+    except ImageReadError as e:
+        raise UserError(str(e)) from e
     ckpt, model = _load(args.checkpoint, _device(args.device))
     test_min, test_max = _test_sizes(ckpt)
-    image = load_image(str(image_path))
     h, w = image.shape[-2:]
     nh, nw = resized_size(h, w, args.min_size or test_min, args.max_size or test_max)
     if (nh, nw) != (h, w):

@@ -61,6 +61,20 @@ class TrainConfig:
     time_budget_s: Optional[float] = None  # stop (and checkpoint) after this much training wall time
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        """Values no schedule can use are refused here, before anything trains (a negative ``max_iters`` would
+        otherwise "finish" after 0 iterations, a zero batch fail deep in the loader)."""
+        checks = [("batch_size", self.batch_size, isinstance(self.batch_size, int) and self.batch_size >= 1),
+                  ("max_iters", self.max_iters, isinstance(self.max_iters, int) and self.max_iters >= 1),
+                  ("lr", self.lr, isinstance(self.lr, (int, float)) and self.lr > 0),
+                  ("warmup_iters", self.warmup_iters, isinstance(self.warmup_iters, int) and self.warmup_iters >= 0),
+                  ("num_workers", self.num_workers, isinstance(self.num_workers, int) and self.num_workers >= 0),
+                  ("flip_prob", self.flip_prob, isinstance(self.flip_prob, (int, float)) and 0 <= self.flip_prob <= 1)]
+        bad = [f"{name}={value!r}" for name, value, ok in checks if not ok]
+        if bad:
+            raise ValueError(f"invalid training setting(s): {', '.join(bad)} (batch_size and max_iters must be "
+                             "integers >= 1, lr > 0, warmup_iters and num_workers integers >= 0, flip_prob in [0, 1])")
+
     def replace(self, **overrides) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - names)

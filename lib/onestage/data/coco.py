@@ -52,7 +52,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import Tensor
 
-__all__ = ["CocoDataset", "collate_fn", "pad_collate", "load_image", "resized_size"]
+__all__ = ["CocoDataset", "collate_fn", "pad_collate", "load_image", "ImageReadError", "resized_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +60,24 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------------
+class ImageReadError(OSError):
+    """An image file that exists but cannot be decoded (truncated, not an image, unknown format); names the file."""
+
+
 def load_image(path: str) -> Tensor:
-    """Read an image file as a ``3×H×W`` float tensor in [0, 1], RGB (see the module docstring for the modes)."""
+    """Read an image file as a ``3×H×W`` float tensor in [0, 1], RGB (see the module docstring for the modes).
+
+    A missing file raises ``FileNotFoundError``; a file Pillow cannot decode (truncated PNG/JPEG, not an image)
+    raises :class:`ImageReadError` naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        return _decode_image(path)
+    except (OSError, SyntaxError) as e:  # Pillow: truncated or unidentified file (OSError), broken header (SyntaxError)
+        raise ImageReadError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from e
+
+
+def _decode_image(path: str) -> Tensor:
     with Image.open(path) as im:
         mode = im.mode
         if mode.startswith("I;16") or mode == "I":
