@@ -40,7 +40,8 @@ def test_blend_hand_computed_two_bases():
 
 
 def test_interpolation_comes_before_the_softmax():
-    # bilinear interpolation then softmax differs from softmax then interpolation (REFERENCE §3.2)
+    # bilinear interpolation then softmax differs from softmax then interpolation (AdelaiDet
+    # adet/modeling/blendmask/blender.py interpolates first)
     torch.manual_seed(1)
     rois, attn = torch.randn(1, 3, 8, 8), 4 * torch.randn(1, 3, 2, 2)
     ours = blend_reference(rois, attn, "bilinear")
@@ -177,7 +178,8 @@ def test_paste_masks_fills_the_box_at_input_size():
 def test_paper_preset_is_the_published_configuration():
     c = BlendMaskConfig.preset("paper")
     assert (c.num_bases, c.attn_size, c.bottom_resolution) == (4, 14, 56)
-    assert c.thresh_with_ctr is True and c.use_scale is False  # Base-BlendMask FCOS overrides (REFERENCE §2.2)
+    # the FCOS overrides of AdelaiDet configs/BlendMask/Base-BlendMask.yaml
+    assert c.thresh_with_ctr is True and c.use_scale is False
     assert c.top_interp == "bilinear" and c.bottom_pooler == "roi_align" and c.blender == "blender"
     assert (c.basis_channels, c.basis_num_convs, c.basis_in_features) == (128, 3, ("p3", "p4", "p5"))
     assert c.basis_loss_on and c.basis_loss_weight == 0.3 and c.instance_loss_weight == 1.0
@@ -215,7 +217,8 @@ def test_config_rejects_inconsistent_settings(changes, match):
 def test_top_layer_and_basis_shapes_and_params():
     model = BlendMask(BlendMaskConfig.preset("smoke"), num_classes=7)
     c = model.cfg
-    assert model.top_layer.out_channels == c.num_bases * c.attn_size ** 2 == 784  # REFERENCE §2.2
+    # K·M² channels, as the top layer of AdelaiDet adet/modeling/blendmask/blendmask.py
+    assert model.top_layer.out_channels == c.num_bases * c.attn_size ** 2 == 784
     assert model.top_layer.kernel_size == (3, 3)
     assert sum(p.numel() for p in model.top_layer.parameters()) == c.fpn_channels * 784 * 9 + 784
     assert model.basis_module.tower[-1].out_channels == 4

@@ -3,14 +3,16 @@
 BlendMask is FCOS (``onestage.modeling.fcos``) plus a mask branch of three parts (paper §3.1, Fig. 2):
 
 1. ``BlendMaskConfig`` — the published configuration (AdelaiDet ``MODEL.BLENDMASK.*`` / ``MODEL.BASIS_MODULE.*``,
-   REFERENCE §2.2) and the ``paper`` / ``cpu`` / ``smoke`` presets.
+   ``adet/config/defaults.py``) and the ``paper`` / ``cpu`` / ``smoke`` presets.
 2. ``BasisModule`` — the **bottom module**: ``K`` bases at stride 4 from P3–P5 (refine, upsample, sum, conv tower,
-   ×2 upsample), with the optional auxiliary "thing" semantic segmentation loss (REFERENCE §3.2).
+   ×2 upsample), with the optional auxiliary "thing" semantic segmentation loss (AdelaiDet
+   ``adet/modeling/blendmask/basis_module.py``).
 3. The **top layer** — one 3×3 conv on every level's box tower giving each location a ``K×M×M`` attention.
 4. The **blender** — RoIAlign of the bases to ``R×R`` per instance (ground-truth boxes in training, detected boxes
    at inference), attention interpolated to ``R×R``, softmax over ``K``, weighted sum (``onestage.ops.blender``).
 5. ``mask_targets`` / ``blendmask_mask_loss`` — ground-truth masks cropped and resized to each box, per-pixel BCE
-   weighted by the FCOS center-ness target and divided by FCOS's ``loss_denorm`` (REFERENCE §3.2).
+   weighted by the FCOS center-ness target and divided by FCOS's ``loss_denorm`` (AdelaiDet
+   ``adet/modeling/blendmask/blender.py``).
 6. ``paste_masks`` — the ``R×R`` mask probabilities pasted into the image (detectron2 ``paste_masks_in_image``).
 7. ``BlendMask`` — the ``FCOS`` subclass tying them together.
 
@@ -59,18 +61,18 @@ BOTTOM_POOLERS = ("roi_align", "roi_pool")
 class BlendMaskConfig(FCOSConfig):
     """FCOS's fields (``FCOSConfig``) plus the mask branch. Defaults are the published BlendMask R-50 configuration
     (AdelaiDet ``configs/BlendMask/Base-BlendMask.yaml`` on top of ``MODEL.BLENDMASK.*`` / ``MODEL.BASIS_MODULE.*``
-    defaults; REFERENCE §2.2), with the two FCOS overrides of Base-BlendMask: ``thresh_with_ctr=True`` and
-    ``use_scale=False``.
+    defaults in ``adet/config/defaults.py``), with the two FCOS overrides of Base-BlendMask:
+    ``thresh_with_ctr=True`` and ``use_scale=False``.
 
     Names of the knobs of the paper's ablations (§3.3 "Configurations and baselines", Tables 1–6): ``num_bases``
     (K), ``attn_size`` (M), ``bottom_resolution`` (R), ``top_interp`` (attention interpolation), ``bottom_pooler``
     (bilinear RoIAlign vs RoIPool), ``blender`` (blender / YOLACT / FCIS merging).
     """
 
-    # FCOS overrides of Base-BlendMask.yaml (REFERENCE §2.2)
+    # FCOS overrides of AdelaiDet configs/BlendMask/Base-BlendMask.yaml
     thresh_with_ctr: bool = True
     use_scale: bool = False
-    # --- bottom module (BASIS_MODULE.*; REFERENCE §3.2 "ProtoNet") ---
+    # --- bottom module (BASIS_MODULE.*; ProtoNet of AdelaiDet adet/modeling/blendmask/basis_module.py) ---
     num_bases: int = 4                          # K (NUM_BASES; paper Table 3: 4 is enough)
     basis_in_features: tuple = ("p3", "p4", "p5")
     basis_channels: int = 128                   # CONVS_DIM
@@ -173,7 +175,8 @@ def _conv_block(cin: int, cout: int, norm: str) -> nn.Sequential:
 
 
 class BasisModule(nn.Module):
-    """The bottom module (REFERENCE §3.2, YOLACT's ProtoNet on FPN features as in AdelaiDet's ``ProtoNet``):
+    """The bottom module (YOLACT's ProtoNet on FPN features, as AdelaiDet's ``ProtoNet`` in
+    ``adet/modeling/blendmask/basis_module.py``):
 
     * refine P3, P4, P5 each with a 3×3 conv → norm → ReLU to ``channels``, upsample P4/P5 bilinearly
       (``align_corners=False``) to P3's size and **sum**;
@@ -270,9 +273,10 @@ def thing_semantic_targets(targets: Sequence[dict], height: int, width: int, str
 
 
 def blendmask_mask_loss(mask_logits: Tensor, gt_masks: Tensor, ctr_targets: Tensor, loss_denorm: float) -> Tensor:
-    """REFERENCE §3.2 / AdelaiDet ``Blender.__call__``: per-pixel BCE-with-logits, mean over the ``R²`` pixels of
-    each instance, weighted by that positive's center-ness target, summed, divided by FCOS's ``loss_denorm``
-    (Σ center-ness targets) — the same normalisation as the box loss, so central positives count most."""
+    """AdelaiDet ``Blender.__call__`` (``adet/modeling/blendmask/blender.py``): per-pixel BCE-with-logits, mean over the
+    ``R²`` pixels of each instance, weighted by that positive's center-ness target, summed, divided by FCOS's
+    ``loss_denorm`` (Σ center-ness targets) — the same normalisation as the box loss, so central positives count
+    most."""
     per_instance = F.binary_cross_entropy_with_logits(mask_logits, gt_masks, reduction="none").flatten(1).mean(1)
     return (per_instance * ctr_targets).sum() / loss_denorm
 
@@ -329,7 +333,8 @@ class BlendMask(FCOS):
         if cfg.blender != "fcis":  # FCIS assembles with fixed attentions: nothing to predict
             m = cfg.effective_attn_size
             self.top_layer = nn.Conv2d(self.backbone.out_channels, cfg.num_bases * m * m, 3, padding=1)
-            nn.init.normal_(self.top_layer.weight, std=0.01)  # REFERENCE §2.2: N(0, 0.01), bias 0
+            # N(0, 0.01) weights, bias 0, as in AdelaiDet adet/modeling/blendmask/blendmask.py
+            nn.init.normal_(self.top_layer.weight, std=0.01)
             nn.init.constant_(self.top_layer.bias, 0)
 
     # --- pieces, public so notebooks and tests can look inside ---

@@ -42,7 +42,8 @@ __all__ = ["CondInstConfig", "CondInst", "MaskBranch", "aligned_bilinear", "samp
 @dataclass
 class CondInstConfig(FCOSConfig):
     """CondInst hyper-parameters. FCOS fields are inherited (with CondInst's overrides: ``thresh_with_ctr=True``,
-    REFERENCE §2.3); the defaults below are the paper's (§2–3) and AdelaiDet's ``MODEL.CONDINST.*``."""
+    AdelaiDet ``configs/CondInst/Base-CondInst.yaml``); the defaults below are the paper's (§2–3) and AdelaiDet's
+    ``MODEL.CONDINST.*``."""
 
     # --- mask branch (§2.2 "the mask branch has four 3×3 convolutions with 128 channels ... Cmask = 8") ---
     mask_branch_in_features: tuple = ("p3", "p4", "p5")
@@ -103,9 +104,10 @@ def aligned_bilinear(x: Tensor, factor: int) -> Tensor:
 
     Input pixel ``k`` of a stride-``s`` map sits at image coordinate ``k·s + s//2``; after upsampling by ``f`` the
     output (stride ``s/f``) must hold it at index ``f·k + f//2``. ``F.interpolate`` (either ``align_corners``) shifts
-    it, which misplaces mask boundaries by up to half a feature pixel (REFERENCE §3.3). Here: replicate-pad one
-    pixel right/bottom, interpolate with ``align_corners=True`` to ``f·h + 1`` (so input ``k`` lands exactly on
-    ``f·k``), shift by ``f//2`` with replicate padding, crop to ``f·h × f·w``.
+    it, which misplaces mask boundaries by up to half a feature pixel (hence AdelaiDet's ``aligned_bilinear``,
+    ``adet/utils/comm.py``). Here: replicate-pad one pixel right/bottom, interpolate with ``align_corners=True`` to
+    ``f·h + 1`` (so input ``k`` lands exactly on ``f·k``), shift by ``f//2`` with replicate padding, crop to
+    ``f·h × f·w``.
     """
     if factor == 1:
         return x
@@ -154,7 +156,8 @@ def _conv_norm_relu(in_ch: int, out_ch: int, norm: str) -> nn.Sequential:
 
 class MaskBranch(nn.Module):
     """``Fmask``: refine each input level (3×3 conv), bring P4/P5 to P3's size with ``aligned_bilinear`` and sum,
-    then ``num_convs`` 3×3 convs and a 1×1 conv to ``out_channels`` (paper §2.2; REFERENCE §3.3)."""
+    then ``num_convs`` 3×3 convs and a 1×1 conv to ``out_channels`` (paper §2.2; AdelaiDet
+    ``adet/modeling/condinst/mask_branch.py``)."""
 
     def __init__(self, in_channels: int, in_strides: Sequence[int], channels: int = 128, num_convs: int = 4,
                  out_channels: int = 8, norm: str = "BN"):
@@ -202,7 +205,8 @@ class CondInst(FCOS):
                                       [level_stride(f) for f in cfg.mask_branch_in_features],
                                       cfg.mask_branch_channels, cfg.mask_branch_num_convs,
                                       cfg.mask_branch_out_channels, cfg.mask_branch_norm)
-        # Controller: 3×3 conv on the box tower, N(0, 0.01) weights, zero bias (REFERENCE §3.3).
+        # Controller: 3×3 conv on the box tower, N(0, 0.01) weights, zero bias (AdelaiDet
+        # adet/modeling/condinst/condinst.py).
         self.controller = nn.Conv2d(self.backbone.out_channels, cfg.num_dynamic_params, 3, padding=1)
         nn.init.normal_(self.controller.weight, std=0.01)
         nn.init.zeros_(self.controller.bias)
@@ -305,8 +309,9 @@ class CondInst(FCOS):
                            ctr_from_reg=c.centerness_on == "computed")
 
     def _paste(self, probs: Tensor, image_size: tuple, padded_size: tuple) -> Tensor:
-        """Probabilities at the output stride → boolean masks at the input size: aligned upsampling to stride 1 of
-        the padded batch, crop to the image (AdelaiDet inference; REFERENCE §3.3)."""
+        """Probabilities at the output stride → boolean masks at the input size: aligned upsampling to stride 1 of the
+        padded batch, crop to the image (AdelaiDet inference, ``postprocess`` in
+        ``adet/modeling/condinst/condinst.py``)."""
         h, w = image_size
         if probs.shape[0] == 0:
             return torch.zeros(0, h, w, dtype=torch.bool, device=probs.device)

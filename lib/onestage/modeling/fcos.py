@@ -9,10 +9,11 @@
 7. ``FCOS`` — the ``nn.Module`` tying them together (``model(images, targets)`` → losses; ``model(images)`` →
    detections).
 
-Where AdelaiDet (the authors' reference code) refines the first arXiv version, we follow AdelaiDet, as its numbers
-are the published ones (FCOS R-50 1x: 38.7 box AP, REFERENCE §4): center sampling, GIoU, center-ness on the
-regression branch, stride-normalised targets with ReLU instead of ``exp`` (the "improvements" ablation of the
-later arXiv versions; AdelaiDet ``MODEL.FCOS.*`` defaults, REFERENCE §2.1/§3.1).
+Where AdelaiDet (the authors' reference code) refines the first arXiv version, we follow AdelaiDet, as its numbers are
+the published ones (FCOS R-50 1x: 38.7 box AP, AdelaiDet ``configs/FCOS-Detection/README.md``): center sampling, GIoU,
+center-ness on the regression branch, stride-normalised targets with ReLU instead of ``exp`` (the "improvements"
+ablation of the later arXiv versions; AdelaiDet ``MODEL.FCOS.*`` defaults in ``adet/config/defaults.py``;
+``adet/modeling/fcos/fcos.py``, ``fcos_outputs.py``).
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ is responsible for that object. Two branches per FPN level:
 
 The file, in reading order:
 
-1. ``SOLOConfig`` / ``DecoupledSOLOConfig`` — published defaults (WXinlong/SOLO mmdet configs, REFERENCE §2.5) and
+1. ``SOLOConfig`` / ``DecoupledSOLOConfig`` — published defaults (WXinlong/SOLO ``configs/solo/*.py``) and
    the ``paper`` / ``cpu`` / ``smoke`` presets; the override names of data/paper_tables/solo_*.json
    (``multi_level``, ``grid_numbers``, ``coord_conv``, ``head``, ``nms``).
 2. ``coord_features``, ``level_features`` — CoordConv channels; P2..P6 resized to the strides 8/8/16/32/32.
@@ -22,10 +22,11 @@ The file, in reading order:
 7. ``SOLO`` / ``DecoupledSOLO`` — the ``nn.Module``s (``model(images, targets)`` → losses; ``model(images)`` →
    detections), and ``mask_branch_memory`` — the memory argument for the decoupled head.
 
-Where the paper and the authors' code differ, we follow the code (its numbers are the published ones, REFERENCE §4):
-strides 8/8/16/32/32 with P2 halved and P6 resized to P5 (REFERENCE §3.5), grid cells tiling the *padded* batch
-canvas, Matrix NMS at inference. One deliberate addition: SOLO returns boxes (tight boxes of the final masks,
-:func:`onestage.structures.masks_to_boxes`) so that box AP can be computed.
+Where the paper and the authors' code differ, we follow the code (its numbers are the published ones, WXinlong/SOLO
+``README.md``): strides 8/8/16/32/32 with P2 halved and P6 resized to P5 (``split_feats`` of WXinlong/SOLO
+``mmdet/models/anchor_heads/solo_head.py``), grid cells tiling the *padded* batch canvas, Matrix NMS at inference. One
+deliberate addition: SOLO returns boxes (tight boxes of the final masks, :func:`onestage.structures.masks_to_boxes`) so
+that box AP can be computed.
 """
 from __future__ import annotations
 
@@ -68,8 +69,9 @@ __all__ = [
     "scaled_scale_ranges",
 ]
 
-#: SOLO's five levels (REFERENCE §2.4/§2.5; paper §3.1 and Table 2): grid numbers, instance strides and the scale
-#: ranges on sqrt(w·h) of the ground-truth box (inclusive and overlapping, so one object can train two levels).
+#: SOLO's five levels (WXinlong/SOLO configs/solo/solo_r50_fpn_8gpu_1x.py, AdelaiDet MODEL.SOLOV2.*; paper §3.1
+#: and Table 2): grid numbers, instance strides and the scale ranges on sqrt(w·h) of the ground-truth box
+#: (inclusive and overlapping, so one object can train two levels).
 PAPER_GRIDS = (40, 36, 24, 16, 12)
 PAPER_STRIDES = (8, 8, 16, 32, 32)
 PAPER_SCALE_RANGES = ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
@@ -90,8 +92,8 @@ def scaled_scale_ranges(train_size: float, paper_size: float = 800.0) -> tuple:
 
 @dataclass
 class SOLOConfig:
-    """SOLO hyper-parameters; defaults = the published SOLO R50 config (WXinlong/SOLO ``solo_r50_fpn_8gpu_1x.py``,
-    REFERENCE §2.5) and the paper (arXiv 1912.04488 §3).
+    """SOLO hyper-parameters; defaults = the published SOLO R50 config (WXinlong/SOLO
+    ``configs/solo/solo_r50_fpn_8gpu_1x.py``) and the paper (arXiv 1912.04488 §3).
 
     Ablation knobs (names used by data/paper_tables/solo_*.json):
 
@@ -114,7 +116,7 @@ class SOLOConfig:
     fpn_channels: int = 256
     fpn_top_from: str = "p5"
     fpn_extra_block: str = "maxpool"
-    # --- levels (§3.1, Table 2; REFERENCE §2.5) ---
+    # --- levels (§3.1, Table 2; WXinlong/SOLO configs/solo/solo_r50_fpn_8gpu_1x.py) ---
     multi_level: bool = True
     grid_numbers: tuple = PAPER_GRIDS
     instance_strides: tuple = PAPER_STRIDES
@@ -134,7 +136,7 @@ class SOLOConfig:
     dice_weight: float = 3.0
     min_mask_area: int = 10                # WXinlong/SOLO mmdet/models/anchor_heads/solo_head.py (the SOLO authors' code):
     #                                        "if seg_mask.sum() < 10: continue"; AdelaiDet's SOLOv2 keeps any non-empty mask
-    # --- inference (test_cfg of the published configs, REFERENCE §2.5) ---
+    # --- inference (test_cfg of the published WXinlong/SOLO configs, configs/solo/*.py) ---
     score_thresh: float = 0.1
     mask_thresh: float = 0.5
     update_thresh: float = 0.05
@@ -215,9 +217,10 @@ def coord_features(x: Tensor, which: str = "xy") -> Tensor:
 
 
 def level_features(pyramid: Sequence[Tensor], multi_level: bool = True) -> List[Tensor]:
-    """The five SOLO inputs from FPN P2..P6 (REFERENCE §3.5 ``split_feats``): P2 bilinearly halved (stride 8), P3,
-    P4, P5, and P6 bilinearly resized to P5's size (stride 32) — hence the strides 8/8/16/32/32. Single-level SOLO
-    reads P3 alone (``pyramid`` = P3..P5)."""
+    """The five SOLO inputs from FPN P2..P6 (``split_feats`` of WXinlong/SOLO
+    ``mmdet/models/anchor_heads/solo_head.py``): P2 bilinearly halved (stride 8), P3, P4, P5, and P6 bilinearly resized
+    to P5's size (stride 32) — hence the strides 8/8/16/32/32. Single-level SOLO reads P3 alone
+    (``pyramid`` = P3..P5)."""
     if not multi_level:
         return [pyramid[0]]
     p2, p3, p4, p5, p6 = pyramid
@@ -247,7 +250,8 @@ class GridCells(NamedTuple):
 
 def center_region_cells(mask: Tensor, box: Sequence[float], canvas_hw: Sequence[int], num_grid: int,
                         sigma: float = 0.2) -> GridCells:
-    """Which cells of an S×S grid over the canvas an object claims (paper §3.2; REFERENCE §3.4 targets, steps 2-3).
+    """Which cells of an S×S grid over the canvas an object claims (paper §3.2; AdelaiDet
+    ``get_ground_truth_single`` in ``adet/modeling/solov2/solov2.py``).
 
     The centre region is ``(c_x, c_y, σ·w, σ·h)``: the mask's centre of mass (``scipy.ndimage.center_of_mass``
     convention — the mean row/column index of its pixels) and σ times the *box* size. Its corners are quantised to
@@ -280,7 +284,8 @@ def center_region_cells(mask: Tensor, box: Sequence[float], canvas_hw: Sequence[
 
 def assign_levels(boxes: Tensor, scale_ranges: Sequence[Sequence[float]]) -> Tensor:
     """``M×L`` bool: does box m's scale ``sqrt(w·h)`` lie in level l's range (inclusive both ends; the ranges
-    overlap, so an object near a boundary trains two levels — REFERENCE §2.4)."""
+    overlap, so an object near a boundary trains two levels — AdelaiDet
+    ``MODEL.SOLOV2.FPN_SCALE_RANGES``)."""
     boxes = boxes.reshape(-1, 4).float()
     scale = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0).sqrt()
     lo = torch.tensor([float(r[0]) for r in scale_ranges], device=boxes.device)
@@ -298,8 +303,8 @@ class GridTargets(NamedTuple):
       image.
 
     ``pairs="last"`` (SOLO) keeps one pair per cell, the last writer's, so cell and mask target agree;
-    ``pairs="all"`` (SOLOv2) keeps every pair, so a cell claimed by two objects trains both masks (REFERENCE §3.4,
-    step 5).
+    ``pairs="all"`` (SOLOv2) keeps every pair, so a cell claimed by two objects trains both masks (as AdelaiDet's
+    ``get_ground_truth_single`` in ``adet/modeling/solov2/solov2.py``).
     """
 
     labels: List[Tensor]
@@ -310,7 +315,8 @@ class GridTargets(NamedTuple):
 def grid_targets(targets: Sequence[dict], canvas_hw: Sequence[int], num_classes: int, grid_numbers: Sequence[int],
                  scale_ranges: Sequence[Sequence[float]], sigma: float = 0.2, min_mask_area: int = 1,
                  pairs: str = "last") -> GridTargets:
-    """Assign every object to its levels and cells (paper §3.1-3.2; REFERENCE §3.4 steps 1-5).
+    """Assign every object to its levels and cells (paper §3.1-3.2; AdelaiDet ``get_ground_truth_single`` in
+    ``adet/modeling/solov2/solov2.py``).
 
     ``targets``: per image ``boxes`` ``M×4`` xyxy, ``labels`` ``M``, ``masks`` ``M×h×w`` (image size, top-left of
     the canvas ``canvas_hw``). Objects whose mask has fewer than ``min_mask_area`` pixels are skipped (SOLO: 10,
@@ -432,7 +438,8 @@ class SOLOHeadOutputs(NamedTuple):
 
 
 class SOLOHead(nn.Module):
-    """SOLO head (paper Fig. 4 / §3.1 and §4; REFERENCE §3.5), its towers shared by all levels.
+    """SOLO head (paper Fig. 4 / §3.1 and §4; WXinlong/SOLO ``mmdet/models/anchor_heads/solo_head.py``), its towers
+    shared by all levels.
 
     * Category branch: the level feature is bilinearly resized to S×S *before* the first conv (``cate_down_pos=0``),
       ``num_convs`` conv-GN-ReLU, 3×3 conv to C logits.
@@ -550,7 +557,7 @@ def mask_branch_memory(grid_numbers: Sequence[int] = PAPER_GRIDS, strides: Seque
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 5. Matrix NMS (SOLOv2, arXiv 2003.10152 §3.3; REFERENCE §3.4)
+# 5. Matrix NMS (SOLOv2, arXiv 2003.10152 §3.3; WXinlong/SOLO mmdet/core/post_processing/matrix_nms.py)
 # ---------------------------------------------------------------------------------------------------------------
 
 def matrix_nms_decay(masks: Tensor, labels: Tensor, kernel: str = "gaussian", sigma: float = 2.0,
@@ -603,7 +610,8 @@ def matrix_nms(masks: Tensor, labels: Tensor, scores: Tensor, kernel: str = "gau
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 6. Inference (shared by SOLO, Decoupled SOLO and SOLOv2; REFERENCE §3.4 "Inference")
+# 6. Inference (shared by SOLO, Decoupled SOLO and SOLOv2; AdelaiDet adet/modeling/solov2/solov2.py,
+#    WXinlong/SOLO mmdet/models/anchor_heads/solov2_head.py)
 # ---------------------------------------------------------------------------------------------------------------
 
 def points_nms(heat: Tensor) -> Tensor:

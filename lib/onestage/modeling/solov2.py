@@ -12,14 +12,16 @@ Targets (levels, centre region, σ = 0.2), the category branch, focal + Dice (×
 (:func:`~onestage.modeling.solo.grid_targets`, :func:`~onestage.modeling.solo.solo_inference`); Matrix NMS (§3.3)
 lives in ``solo.py`` because the authors' code applies it to SOLO as well, and is re-exported here.
 
-1. ``SOLOv2Config`` — AdelaiDet ``MODEL.SOLOV2.*`` / WXinlong/SOLO SOLOv2 R50 defaults (REFERENCE §2.4, §2.5).
-2. ``SOLOv2InstanceHead`` — category + kernel branches (REFERENCE §3.4 "Instance branch").
-3. ``MaskFeatureBranch`` — the feature-unified mask branch (REFERENCE §3.4 "Feature-unified mask branch").
+1. ``SOLOv2Config`` — AdelaiDet ``MODEL.SOLOV2.*`` (``adet/config/defaults.py``) / WXinlong/SOLO
+   ``configs/solov2/solov2_r50_fpn_8gpu_1x.py`` defaults.
+2. ``SOLOv2InstanceHead`` — category + kernel branches (SOLOv2 §3.2.1; AdelaiDet ``adet/modeling/solov2/solov2.py``).
+3. ``MaskFeatureBranch`` — the feature-unified mask branch (SOLOv2 §3.2.2; WXinlong/SOLO
+   ``mmdet/models/mask_heads/mask_feat_head.py``).
 4. ``dynamic_masks`` (in :mod:`onestage.modeling.solo`, shared with SOLO's vanilla head) — kernels ∗ mask features.
 5. ``SOLOv2`` — the ``nn.Module``.
 
-Deliberate difference from AdelaiDet: ``pred_boxes`` there are all zeros (REFERENCE §3.4, issues #469, #633); ours
-are the tight boxes of the predicted masks, so box AP is meaningful.
+Deliberate difference from AdelaiDet: ``pred_boxes`` there are all zeros (``adet/modeling/solov2/solov2.py``,
+AdelaiDet issues #469, #633); ours are the tight boxes of the predicted masks, so box AP is meaningful.
 """
 from __future__ import annotations
 
@@ -72,9 +74,10 @@ __all__ = [
 
 @dataclass
 class SOLOv2Config:
-    """SOLOv2 hyper-parameters; defaults = AdelaiDet ``MODEL.SOLOV2.*`` (REFERENCE §2.4), equal to WXinlong/SOLO's
-    SOLOv2 R50 config (§2.5): 4-conv 512-channel GN towers, E = 256 dynamic 1×1 kernels, a 128-channel mask branch
-    on P2..P5, Matrix NMS (gaussian, σ 2), score .1, update .05, mask .5, 100 per image.
+    """SOLOv2 hyper-parameters; defaults = AdelaiDet ``MODEL.SOLOV2.*`` (``adet/config/defaults.py``), equal to
+    WXinlong/SOLO's SOLOv2 R50 config (``configs/solov2/solov2_r50_fpn_8gpu_1x.py``): 4-conv 512-channel GN towers,
+    E = 256 dynamic 1×1 kernels, a 128-channel mask branch on P2..P5, Matrix NMS (gaussian, σ 2), score .1,
+    update .05, mask .5, 100 per image.
 
     Shared knobs with SOLO: ``grid_numbers``, ``coord_conv`` (0 removes the coordinates from the kernel branch and
     from the mask branch's P5 input), ``nms`` ("matrix" / "mask").
@@ -171,7 +174,8 @@ class SOLOv2HeadOutputs(NamedTuple):
 class SOLOv2InstanceHead(nn.Module):
     """Per level (towers shared): concatenate the coordinates to the feature, resize to S×S (bilinear); kernel tower
     (``num_convs`` conv-GN-ReLU on C+2 channels) → 3×3 conv to E kernel weights; category tower on the resized
-    feature *without* the coordinate channels → 3×3 conv to C logits (prior bias). REFERENCE §3.4."""
+    feature *without* the coordinate channels → 3×3 conv to C logits (prior bias). AdelaiDet
+    ``adet/modeling/solov2/solov2.py``."""
 
     def __init__(self, in_channels: int, num_classes: int, grid_numbers: Sequence[int], num_kernels: int,
                  channels: int = 512, num_convs: int = 4, coord_conv: int = 1, gn_groups: int = 32,
@@ -204,9 +208,9 @@ class SOLOv2InstanceHead(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 class MaskFeatureBranch(nn.Module):
-    """F at stride 4 from P2..P5 (SOLOv2 §3.2.2 / Fig. 4; REFERENCE §3.4): P2 → conv; P3 → conv, ×2; P4 → (conv,
-    ×2) twice; P5 with the two coordinate channels → (conv, ×2) three times; each conv 3×3-GN-ReLU, upsampling
-    bilinear. The four are summed, then a 1×1 conv to E channels + GN + ReLU."""
+    """F at stride 4 from P2..P5 (SOLOv2 §3.2.2 / Fig. 4; WXinlong/SOLO ``mmdet/models/mask_heads/mask_feat_head.py``):
+    P2 → conv; P3 → conv, ×2; P4 → (conv, ×2) twice; P5 with the two coordinate channels → (conv, ×2) three times; each
+    conv 3×3-GN-ReLU, upsampling bilinear. The four are summed, then a 1×1 conv to E channels + GN + ReLU."""
 
     def __init__(self, in_channels: int, channels: int = 128, out_channels: int = 256, num_levels: int = 4,
                  coord_conv: int = 1, gn_groups: int = 32):
@@ -289,8 +293,8 @@ class SOLOv2(nn.Module):
 
     def losses(self, head_out: SOLOv2HeadOutputs, targets: Sequence[dict], canvas_hw: Sequence[int],
                return_extras: bool = False):
-        """SOLO's losses (REFERENCE §3.4 "Losses"): focal / (#positive cells + 1); Dice (eps 0.002) averaged over
-        every (cell, object) pair, × 3. The masks are built only for the positive cells' kernels."""
+        """SOLO's losses (AdelaiDet ``adet/modeling/solov2/solov2.py``): focal / (#positive cells + 1); Dice (eps 0.002)
+        averaged over every (cell, object) pair, × 3. The masks are built only for the positive cells' kernels."""
         c = self.cfg
         assigned = self.assign(targets, canvas_hw)
         feats = head_out.mask_features

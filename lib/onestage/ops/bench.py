@@ -1,6 +1,6 @@
 """GPU benchmark of the Triton kernels of ``onestage.ops`` against their plain PyTorch references, same GPU, same run.
 
-Shapes are COCO scale (REFERENCE.md §3.1, §3.3):
+Shapes are COCO scale (AdelaiDet ``adet/modeling/fcos/fcos.py`` and ``adet/modeling/condinst/dynamic_mask_head.py``):
 
 * ``dynamic_mask_head``: CondInst's default head (8 mask channels, 3 layers of 8, relative coordinates, 169
   parameters) for 100 instances on the stride-8 mask map of an 800×1333 image (100×167), batch 1 — the inference
@@ -8,7 +8,8 @@ Shapes are COCO scale (REFERENCE.md §3.1, §3.3):
 * ``sigmoid_focal_loss``: 22,300 locations (P3–P7 of one 800×1333 image: 100·167 + 50·84 + 25·42 + 13·21 + 7·11)
   × 80 classes, ~1% positives, forward and forward + backward, fp32 and fp16.
 * ``blend`` (BlendMask's blender, bilinear + softmax): 100 RoIs, K = 4 bases, R = 56 crops, M = 14 attentions
-  (BlendMask defaults, REFERENCE.md §3.2), forward (inference) and forward + backward (training), fp32 and fp16.
+  (BlendMask defaults, AdelaiDet ``adet/config/defaults.py``), forward (inference) and forward + backward
+  (training), fp32 and fp16.
 
 Each row holds the median time of the kernel and of the reference (``triton.testing.do_bench``, which flushes the L2
 cache before every run), the ratio reference / kernel, the bytes the kernel must move at the least (the byte model of

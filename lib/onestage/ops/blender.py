@@ -5,7 +5,7 @@ BlendMask (Chen et al., arXiv 2001.00309) §3.2, eqs. 2–4, for each of ``N`` i
 1. ``a' = interpolate_{M×M→R×R}(a)`` — the ``K×M×M`` top-level attention is resized to the RoI resolution ``R``
    (eq. 2; bilinear by default, ``MODEL.BLENDMASK.TOP_INTERP``; nearest in the paper's early ablations);
 2. ``s = softmax_K(a')`` — normalised over the ``K`` bases (eq. 3). **The interpolation comes before the softmax**
-   (REFERENCE §3.2), so the softmax sees the R×R values;
+   (AdelaiDet ``adet/modeling/blendmask/blender.py``), so the softmax sees the R×R values;
 3. ``m = Σ_k s_k ∘ r_k`` — weighted sum of the ``K×R×R`` RoI crops ``r`` of the bases (eq. 4): the mask logits.
 
 The blender generalises two earlier assemblers (paper §4.1 "Merging methods: Blender vs. YOLACT vs. FCIS"):

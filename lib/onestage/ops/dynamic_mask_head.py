@@ -2,8 +2,8 @@
 
 Every instance ``n`` owns a flat parameter vector ``params[n]`` produced by the controller. It is read as
 ``num_layers`` 1×1 conv layers of ``channels`` channels, ending in one output channel (CondInst §3.2, Fig. 3; the
-layout is AdelaiDet's ``parse_dynamic_params``: **all weights first, then all biases** —
-``[W0, W1, …, W_{L-1}, b0, b1, …, b_{L-1}]``, each ``W_l`` row-major ``(C_out, C_in)``; REFERENCE.md §3.3).
+layout is ``parse_dynamic_params`` of AdelaiDet ``adet/modeling/condinst/dynamic_mask_head.py``: **all weights
+first, then all biases** — ``[W0, W1, …, W_{L-1}, b0, b1, …, b_{L-1}]``, each ``W_l`` row-major ``(C_out, C_in)``).
 
 The input of instance ``n`` is its image's mask features (``Cmask`` channels at stride ``mask_feat_stride``) with two
 coordinate channels in front (x then y). With ``coords="rel"`` (the paper's default) they are

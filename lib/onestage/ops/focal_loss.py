@@ -4,7 +4,7 @@ Convention of :func:`sigmoid_focal_loss_reference` (the reference, the CPU path 
 models as :func:`onestage.modeling.losses.sigmoid_focal_loss`):
 ``logits`` ``L×C``, ``targets`` ``L`` integers where ``C`` (or any value outside ``0..C-1``) means background,
 ``alpha`` weighs positives and ``1 - alpha`` negatives (``alpha < 0``: no weighting), sum reduction (FCOS divides by
-the number of positives itself, REFERENCE.md §3.1).
+the number of positives itself, AdelaiDet ``adet/modeling/fcos/fcos_outputs.py``).
 
 Per logit ``x`` with ``p = σ(x)`` the kernel evaluates, in fp32 whatever the input dtype, and without ever building the
 one-hot target matrix (the target of a row is compared with the column index in registers)::
