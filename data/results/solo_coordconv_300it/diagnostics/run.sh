@@ -1,6 +1,6 @@
 #!/bin/bash
 # positive-cell diagnostics of every finished run of the 300-iteration CoordConv pair
-cd /work/main && source .venv/bin/activate
+cd "$(dirname "$0")/../../../.." && source .venv/bin/activate  # the repository root
 export OMP_NUM_THREADS=1
 for i in $(seq 1 120); do
   for rec in runs/reproduce_300/solo_coordconv/*__seed*.json; do
