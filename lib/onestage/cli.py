@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from onestage.cli_args import UserError, parse_sets
+from onestage.cli_args import UserError, parse_sets, parse_value
 
 # ---------------------------------------------------------------------------------------------------- helpers
 DATA_HELP = ("dataset spec: 'synthetic' (generated on first use), 'synthetic:DIR', 'coco:ANN.json:IMAGES_DIR', "
@@ -345,7 +345,7 @@ def cmd_quickstart(args) -> int:
 
     if args.model not in onestage.available_models():
         raise UserError(f"unknown model {args.model!r}; available: {', '.join(onestage.available_models())}")
-    extra = {name.replace("-", "_"): _parse_value(value) for name, value in (args.parameter or [])}
+    extra = {name.replace("-", "_"): parse_value(value) for name, value in (args.parameter or [])}
     out = _run_dir(args, "demo")
     print(f"running notebooks/00_quickstart.ipynb ({args.model}"
           f"{', shipped checkpoint' if args.use_checkpoint else ''}{', quick' if args.quick else ''}) -> {out}",
