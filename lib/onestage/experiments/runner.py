@@ -154,9 +154,12 @@ def assign_weight_sources(jobs: list[dict], table: PaperTable, out: Path, seeds:
     for row in table.runnable_rows([r.name for r in table.rows if r.reproduce]):
         for seed in range(seeds):
             job = planned.get((row.name, seed))
-            params = job["parameters"] if job else {**next(iter(planned.values()))["parameters"], "seed": seed,
-                                                        "overrides": table.model_overrides(row)}
-            tk, ck = train_key(params), config_key(params)
+            if job:  # its keys are already computed
+                tk, ck = job["train_key"], job["config_key"]
+            else:
+                params = {**next(iter(planned.values()))["parameters"], "seed": seed,
+                          "overrides": table.model_overrides(row)}
+                tk, ck = train_key(params), config_key(params)
             if tk is not None:
                 first.setdefault((tk, seed), (row.name, ck))
     for job in jobs:
