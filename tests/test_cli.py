@@ -157,3 +157,46 @@ def test_resume_refuses_changes_it_would_not_apply_and_keeps_the_runs_model(tmp_
     recorded = json.loads((run / "train_config.json").read_text())
     assert recorded["train_cfg"]["max_iters"] == 3 and recorded["train_cfg"]["lr"] == 1e-3
     assert main(["train", "--resume"]) == 2 and "--resume needs --out" in capsys.readouterr().err
+
+
+def test_bad_image_files_are_all_listed_before_training_or_left_out_on_request(tmp_path, capsys):
+    """Issue 21 item 6: a missing image, an unreadable one, one whose size differs from the JSON and an RLE of the
+    wrong size are all reported at start-up (exit 2, nothing written), not at the iteration that loads them;
+    ``--skip-bad-images`` trains on the rest and says which were left out."""
+    import json
+
+    from pycocotools import mask as mask_utils
+
+    from onestage.data.coco import CocoDataset
+    from onestage.data.synthetic import ensure_synthetic
+
+    paths = ensure_synthetic(tmp_path / "syn", num_train=6, num_val=2, image_size=64, progress=False)
+    images = tmp_path / "syn" / "train"
+    (images / "000001.png").unlink()
+    (images / "000002.png").write_text("not an image")
+    Image.new("RGB", (32, 48)).save(images / "000003.png")
+    ann = json.loads(open(paths["train_ann"]).read())
+    target = next(a for a in ann["annotations"] if a["image_id"] == ann["images"][4]["id"])
+    rle = mask_utils.encode(np.asfortranarray(np.ones((8, 8), dtype=np.uint8)))
+    target["segmentation"] = {"size": [8, 8], "counts": rle["counts"].decode()}
+    ann_file = tmp_path / "train.json"
+    ann_file.write_text(json.dumps(ann))
+
+    problems = CocoDataset(ann_file, images, min_size=None).check_files()
+    reasons = {p.path.rsplit("/", 1)[-1]: p.reason for p in problems}
+    assert sorted(reasons) == ["000001.png", "000002.png", "000003.png", ann["images"][4]["file_name"]]
+    assert reasons["000001.png"] == "file not found" and "cannot open" in reasons["000002.png"]
+    assert "32x48" in reasons["000003.png"] and "RLE size [8, 8]" in reasons[ann["images"][4]["file_name"]]
+    assert CocoDataset(ann_file, images, min_size=None, with_masks=False).check_files()[-1].path.endswith("3.png")
+
+    run = tmp_path / "run"
+    argv = ["train", "--model", "condinst", "--preset", "smoke", "--max-iters", "1", "--data",
+            f"coco:{ann_file}:{images}", "--out", str(run), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "4 image(s) cannot be used" in err and "--skip-bad-images" in err
+    assert all(name in err for name in reasons) and not (run / "last.pt").exists()
+    assert main(argv + ["--skip-bad-images"]) == 0
+    assert (run / "final.pt").is_file()
+    recorded = json.loads((run / "train_config.json").read_text())
+    assert recorded["train_cfg"]["skip_bad_images"] is True

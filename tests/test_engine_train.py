@@ -140,6 +140,47 @@ def test_keyboard_interrupt_saves_a_resumable_checkpoint(tmp_path):
         assert torch.equal(a, b)
 
 
+class BNToyDetector(ToyDetector):
+    """The toy model with a BatchNorm after its conv; ``interrupt_at``: Ctrl-C on that forward call, after the BN
+    layer has updated its running statistics (where a real Ctrl-C lands most often: inside the forward pass)."""
+
+    def __init__(self, interrupt_at=None):
+        super().__init__(ToyConfig())
+        self.bn = torch.nn.BatchNorm2d(self.cfg.width)
+        self.conv.register_forward_hook(lambda m, i, o: self.bn(o))
+        self.interrupt_at, self.calls = interrupt_at, 0
+        self.bn.register_forward_hook(self._maybe_interrupt)
+
+    def _maybe_interrupt(self, module, inputs, output):
+        if self.training:
+            self.calls += 1
+            if self.calls == self.interrupt_at:
+                raise KeyboardInterrupt
+
+
+def _bn_model(**kw):
+    torch.manual_seed(0)
+    return BNToyDetector(**kw)
+
+
+def test_keyboard_interrupt_inside_the_forward_pass_resumes_exactly(tmp_path):
+    """Ctrl-C after BatchNorm has seen iteration 6's batch: the checkpoint holds the statistics of 5 iterations,
+    and the resumed run ends bit-identical to an uninterrupted one (buffers and batch counter included)."""
+    with pytest.raises(KeyboardInterrupt):
+        train(_bn_model(interrupt_at=6), ToyDataset(), _cfg(checkpoint_every=100), tmp_path, progress=False)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["iteration"] == 5 and ckpt["stopped"] == "interrupted"
+    assert int(ckpt["model"]["bn.num_batches_tracked"]) == 5
+    ref = _bn_model()
+    train(ref, ToyDataset(), _cfg(), tmp_path / "ref", progress=False)
+    resumed = _bn_model()
+    train(resumed, ToyDataset(), _cfg(), tmp_path, resume=True, progress=False)
+    ref_state, resumed_state = ref.state_dict(), resumed.state_dict()
+    assert int(ref_state["bn.num_batches_tracked"]) == 12
+    for k, v in ref_state.items():
+        assert torch.equal(v, resumed_state[k]), k
+
+
 def test_sampler_order_is_a_function_of_seed_and_iteration():
     full = InfiniteBatchSampler(7, 4, seed=3)
     it = iter(full)

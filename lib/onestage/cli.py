@@ -50,6 +50,8 @@ def _train_cfg_from_args(args, base=None):
         value = getattr(args, attr, None)
         if value is not None:
             overrides[name] = value
+    if getattr(args, "skip_bad_images", False):
+        overrides["skip_bad_images"] = True
     if getattr(args, "time_budget", None) is not None and args.time_budget <= 0:
         overrides["time_budget_s"] = None  # 0 = no budget
     try:
@@ -548,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model config override, e.g. --set center_sample_radius=0 (repeatable)")
     t.add_argument("--train-set", action="append", metavar="KEY=VALUE",
                    help="TrainConfig override, e.g. --train-set clip_grad_norm=5 (repeatable)")
+    t.add_argument("--skip-bad-images", action="store_true",
+                   help="train without the images found missing, unreadable or of another size than the annotation "
+                        "file says (listed at start-up; default: stop and list them)")
     t.add_argument("--eval", action="store_true", help="evaluate on the val split at the end")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -679,12 +684,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose_log else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    from onestage.data.coco import DatasetFilesError
     from onestage.engine.checkpoint import ClassMismatchError
     from onestage.engine.train import NonFiniteLossError, ResumeMismatchError
 
     try:
         return args.func(args)
-    except (UserError, ClassMismatchError, ResumeMismatchError) as e:
+    except (UserError, ClassMismatchError, ResumeMismatchError, DatasetFilesError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError) as e:

@@ -54,6 +54,7 @@ class TrainConfig:
     test_min_size: int = 800
     test_max_size: int = 1333
     flip_prob: float = 0.5
+    skip_bad_images: bool = False  # train without the images CocoDataset.check_files finds bad (else: stop, list them)
     num_workers: int = 2
     seed: int = 0
     log_every: int = 20

@@ -23,6 +23,11 @@ image size ≠ JSON size         ``ValueError`` naming the file (annotations wou
 RLE size ≠ image size          ``ValueError`` naming the annotation
 =============================  ==========================================================================
 
+The last three are found when an image loads, which in a training run may be hours in. :meth:`CocoDataset.check_files`
+finds them all up front (every file exists and opens, its header size is the JSON's, every RLE has the image's size;
+headers only, no image is decoded), and :meth:`CocoDataset.drop_images` removes the bad ones; training does both
+before its first iteration (:func:`onestage.engine.train.train`, ``TrainConfig.skip_bad_images``).
+
 Counts are per annotation (an annotation seen again in a later epoch is not counted twice). Problems found while
 decoding masks are counted by the process that loads the image — a ``DataLoader`` worker's counts stay in that
 worker; the construction-time checks (all but "decodes to an empty mask") are always in the main process.
@@ -43,6 +48,7 @@ import logging
 import math
 import os
 from collections import Counter
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -52,7 +58,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import Tensor
 
-__all__ = ["CocoDataset", "collate_fn", "pad_collate", "load_image", "ImageReadError", "resized_size"]
+__all__ = ["CocoDataset", "collate_fn", "pad_collate", "load_image", "ImageReadError", "resized_size", "FileProblem",
+           "DatasetFilesError"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +69,29 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------------------
 class ImageReadError(OSError):
     """An image file that exists but cannot be decoded (truncated, not an image, unknown format); names the file."""
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    """One image of a COCO file that cannot be used as written: ``reason`` says why, in words."""
+
+    image_id: int
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path} (image id {self.image_id}): {self.reason}"
+
+
+class DatasetFilesError(ValueError):
+    """Images of an annotation file are missing, unreadable or of another size than the file says; lists them all."""
+
+    def __init__(self, ann_file: str, problems: Sequence[FileProblem], hint: str = "", shown: int = 20):
+        self.ann_file, self.problems = ann_file, list(problems)
+        lines = [f"  {p}" for p in self.problems[:shown]]
+        if len(self.problems) > shown:
+            lines.append(f"  ... and {len(self.problems) - shown} more")
+        super().__init__(f"{ann_file}: {len(self.problems)} image(s) cannot be used{hint}:\n" + "\n".join(lines))
 
 
 def load_image(path: str) -> Tensor:
@@ -272,6 +302,43 @@ class CocoDataset(torch.utils.data.Dataset):
                 continue
             prepared[img_id].append((ann_id, self.cat_id_to_label[cat_id], (cx0, cy0, cx1, cy1), segm))
         return prepared
+
+    # -- checks before a long run --------------------------------------------------------------------------------
+    def check_files(self) -> list[FileProblem]:
+        """Every problem that would stop :meth:`__getitem__` on a file, found without decoding any image: a missing
+        or unopenable file, a header size other than the JSON's ``width`` × ``height``, an RLE whose ``size`` is not
+        the image's. One entry per bad image (its first problem), in image-id order."""
+        problems = []
+        for img_id in self.ids:
+            info = self.coco.imgs[img_id]
+            path = os.path.join(self.image_dir, info["file_name"])
+            reason = None
+            if not os.path.isfile(path):
+                reason = "file not found"
+            else:
+                try:
+                    with Image.open(path) as im:  # reads the header only
+                        w, h = im.size
+                except (OSError, SyntaxError) as e:
+                    reason = f"cannot open the image ({type(e).__name__}: {e})"
+                else:
+                    if (h, w) != (int(info["height"]), int(info["width"])):
+                        reason = f"image is {w}x{h} but the annotation file says {info['width']}x{info['height']}"
+            if reason is None and self.with_masks:
+                for ann_id, _, _, segm in self._anns[img_id]:
+                    if isinstance(segm, dict) and [int(v) for v in segm.get("size", ())] != [h, w]:
+                        reason = f"annotation {ann_id}: RLE size {segm.get('size')} != image size {[h, w]}"
+                        break
+            if reason is not None:
+                problems.append(FileProblem(int(img_id), path, reason))
+        return problems
+
+    def drop_images(self, image_ids) -> None:
+        """Leave the images ``image_ids`` out of this dataset (``len`` and indices change; the JSON is untouched)."""
+        drop = {int(i) for i in image_ids}
+        before = len(self.ids)
+        self.ids = [i for i in self.ids if int(i) not in drop]
+        self.skipped["bad_image"] += before - len(self.ids)
 
     # -- access --------------------------------------------------------------------------------------------------
     def __len__(self) -> int:

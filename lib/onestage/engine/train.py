@@ -82,7 +82,7 @@ __all__ = [
 #: TrainConfig fields a resumed run may change: how long it goes on and how it logs, loads and caches — nothing that
 #: the checkpoint's optimiser, scheduler or data order was built from.
 RESUME_MAY_CHANGE = frozenset({"max_iters", "time_budget_s", "checkpoint_every", "log_every", "num_workers",
-                               "cache_features", "feature_cache_dir"})
+                               "cache_features", "feature_cache_dir", "skip_bad_images"})
 
 
 class ResumeMismatchError(ValueError):
@@ -123,6 +123,29 @@ def _check_classes(model, dataset, class_names, ckpt, last_path) -> None:
     if recorded is not None and class_names is not None and list(recorded) != list(class_names):
         raise ClassMismatchError(f"cannot resume {last_path}: it was trained on the classes {list(recorded)}, the "
                                  f"training data has {list(class_names)}; resume on the run's data or start a new run")
+
+
+def check_dataset_files(dataset, skip_bad: bool, what: str = "training data") -> None:
+    """Before the first iteration: every image of ``dataset`` exists, opens and has the size its annotation file
+    says (:meth:`onestage.data.coco.CocoDataset.check_files`; datasets without that method are not checked).
+    Bad images raise :class:`onestage.data.coco.DatasetFilesError` listing all of them, or, with ``skip_bad``,
+    are left out with a warning that lists them."""
+    check = getattr(dataset, "check_files", None)
+    if check is None:
+        return
+    problems = check()
+    if not problems:
+        return
+    from onestage.data.coco import DatasetFilesError
+
+    ann_file = getattr(dataset, "ann_file", type(dataset).__name__)
+    if not skip_bad:
+        raise DatasetFilesError(ann_file, problems, hint=f" as {what} (fix them, or train without them: "
+                                                         f"--skip-bad-images, TrainConfig.skip_bad_images=True)")
+    log.warning("%s", DatasetFilesError(ann_file, problems, hint=f"; {what}: left out (skip_bad_images)"))
+    dataset.drop_images([p.image_id for p in problems])
+    if len(dataset) == 0:
+        raise DatasetFilesError(ann_file, problems, hint=f": no usable image left as {what}")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -467,6 +490,9 @@ def _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names,
     else:
         seed_everything(cfg.seed)
     _check_classes(unwrap_model(model), dataset, class_names, ckpt, last_path)
+    check_dataset_files(dataset, cfg.skip_bad_images)
+    if val_dataset is not None:
+        check_dataset_files(val_dataset, cfg.skip_bad_images, what="validation data")
 
     model.to(device).train()
     if dd.enabled:
@@ -550,7 +576,7 @@ def _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names,
     stopped, last_losses, logged_iter, last_rec = None, {}, iteration, {}
     metrics_file = open(metrics_path, "a") if dd.main else None
     loader_iter = iter(loader)
-    step_in_progress, rng_at_start = False, None
+    step_in_progress, rng_at_start, buffers_at_start = False, None, None
     try:
         while True:
             if iteration >= cfg.max_iters:
@@ -560,6 +586,9 @@ def _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names,
                 stopped = "time_budget"
                 break
             rng_at_start = get_rng_state()
+            # the forward pass updates BatchNorm statistics (and batch counters) before the step: an interrupt there
+            # must checkpoint the buffers as they were, or the resumed run would apply this batch's update twice
+            buffers_at_start = [(b, b.detach().clone()) for b in bare.buffers()]
             t0 = time.perf_counter()
             images, targets = next(loader_iter)
             images = [im.to(device, non_blocking=True) for im in images]
@@ -592,7 +621,8 @@ def _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names,
             scaler.update()
             scheduler.step()
             iteration += 1
-            step_in_progress, rng_at_start = False, None  # from here the live RNG state is the right one to save
+            # from here the live RNG state and buffers are the right ones to save
+            step_in_progress, rng_at_start, buffers_at_start = False, None, None
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
@@ -627,6 +657,10 @@ def _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names,
             if step_in_progress:
                 log.warning("interrupted during an optimiser step; keeping the previous checkpoint %s", last_path)
             else:
+                if buffers_at_start is not None:  # interrupted inside iteration + 1: undo its forward pass's updates
+                    with torch.no_grad():
+                        for live, saved in buffers_at_start:
+                            live.copy_(saved)
                 path = checkpoint(last_path, iteration, rng=rng_at_start, stopped="interrupted")
                 log.warning("interrupted at iteration %d; saved %s (resume with --resume)", iteration, path)
         raise
