@@ -200,3 +200,20 @@ def test_bad_image_files_are_all_listed_before_training_or_left_out_on_request(t
     assert (run / "final.pt").is_file()
     recorded = json.loads((run / "train_config.json").read_text())
     assert recorded["train_cfg"]["skip_bad_images"] is True
+
+
+def test_eval_on_an_annotation_file_without_annotations_is_an_error(tmp_path, toy_checkpoint, capsys):
+    """Issue 21 item 8: it used to print '-' in every column and exit 0."""
+    import json
+
+    from onestage.data.synthetic import ensure_synthetic
+
+    paths = ensure_synthetic(tmp_path / "syn", num_train=2, num_val=2, image_size=64, progress=False)
+    ann = json.loads(open(paths["val_ann"]).read())
+    crowd = {**ann["annotations"][0], "iscrowd": 1}  # a crowd region is not ground truth to match either
+    ann_file = tmp_path / "unlabelled.json"
+    ann_file.write_text(json.dumps({**ann, "annotations": [crowd]}))
+    assert main(["eval", "--checkpoint", str(toy_checkpoint), "--data", f"coco:{ann_file}:{paths['val_images']}",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "unlabelled.json: no annotations for its 2 image(s)" in err and "predict" in err

@@ -686,11 +686,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from onestage.data.coco import DatasetFilesError
     from onestage.engine.checkpoint import ClassMismatchError
+    from onestage.engine.evaluate import NoGroundTruthError
     from onestage.engine.train import NonFiniteLossError, ResumeMismatchError
 
     try:
         return args.func(args)
-    except (UserError, ClassMismatchError, ResumeMismatchError, DatasetFilesError) as e:
+    except (UserError, ClassMismatchError, ResumeMismatchError, DatasetFilesError, NoGroundTruthError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError) as e:

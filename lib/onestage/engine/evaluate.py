@@ -25,7 +25,26 @@ log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
-__all__ = ["evaluate", "predictions_to_coco", "coco_eval", "format_metrics", "METRIC_NAMES"]
+__all__ = ["evaluate", "predictions_to_coco", "coco_eval", "format_metrics", "METRIC_NAMES", "NoGroundTruthError",
+           "require_ground_truth"]
+
+
+class NoGroundTruthError(ValueError):
+    """The evaluation data has no (non-crowd) annotation: COCOeval would print -1 everywhere, so nothing is run."""
+
+
+def require_ground_truth(dataset) -> None:
+    """Raise :class:`NoGroundTruthError` when ``dataset.coco`` holds no non-crowd annotation of ``dataset``'s images
+    (an unlabelled JSON given to ``eval``, or a training run's val split without labels)."""
+    coco_gt = getattr(dataset, "coco", None)
+    if coco_gt is None:
+        return
+    ids = set(int(i) for i in getattr(dataset, "ids", coco_gt.imgs))
+    if not any(int(a.get("image_id", -1)) in ids and not a.get("iscrowd", 0)
+               for a in coco_gt.dataset.get("annotations", [])):
+        source = getattr(dataset, "ann_file", "the evaluation data")
+        raise NoGroundTruthError(f"{source}: no annotations for its {len(ids)} image(s): there is nothing to compute "
+                                 f"AP against (use `predict` to look at predictions on unlabelled images)")
 
 
 def _as_hw(v) -> tuple[int, int]:
@@ -131,6 +150,7 @@ def evaluate(
     coco_gt = getattr(dataset, "coco", None)
     if coco_gt is None:
         raise TypeError(f"{type(dataset).__name__} has no `.coco` ground truth; evaluate needs a COCO-format dataset")
+    require_ground_truth(dataset)
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     n = len(dataset) if max_images is None else min(max_images, len(dataset))

@@ -493,6 +493,9 @@ def _train(model, dataset, cfg, out, resume, val_dataset, progress, class_names,
     check_dataset_files(dataset, cfg.skip_bad_images)
     if val_dataset is not None:
         check_dataset_files(val_dataset, cfg.skip_bad_images, what="validation data")
+        from onestage.engine.evaluate import require_ground_truth
+
+        require_ground_truth(val_dataset)  # now, not after the training it would evaluate
 
     model.to(device).train()
     if dd.enabled:
