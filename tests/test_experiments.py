@@ -550,3 +550,66 @@ def test_sweep_killed_with_sigkill_resumes_without_redoing_finished_rows(tmp_pat
     assert runner.main([str(table_path), "--notebook", str(nb), "--out", str(out), "--no-progress"]) == 0
     assert log.read_text().split() == ["1", "2", "2"]  # "first" ran once; "second" was redone after the kill
     assert read_record(record_path(out, "killme", "second", 0))["metrics"]["bbox"]["AP"] == 2.0
+
+
+def _slow_sweep(tmp_path, table_id):
+    table = _minimal_table(id=table_id, rows=[{"name": "first", "overrides": {"x": 1}, "published": None},
+                                              {"name": "second", "overrides": {"x": 2}, "published": None}],
+                           expect=[])
+    table_path = tmp_path / f"{table_id}.json"
+    table_path.write_text(json.dumps(table))
+    nb = _write_notebook(tmp_path / "slow.ipynb", DUMMY_PARAMS, SLOW_BODY)
+    out = tmp_path / "out"
+    (out / table_id).mkdir(parents=True)
+    return table_path, nb, out
+
+
+def test_workers_and_kernels_die_with_a_killed_driver(tmp_path):
+    """Issue 21 item 10: SIGKILL of the driver alone (not its process group) used to leave its pool worker (and
+    the kernel under it) training the row; a rerun started at once trained the same row beside them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    table_path, nb, out = _slow_sweep(tmp_path, "orphans")
+    (out / "orphans" / "SLOW").touch()
+    argv = [sys.executable, "-m", "onestage", "reproduce", str(table_path), "--notebook", str(nb), "--out", str(out),
+            "--timeout", "300", "--no-progress"]
+    proc = subprocess.Popen(argv, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "orphans" / "executions.log"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (log.exists() and "2" in log.read_text()):
+            time.sleep(0.2)
+        assert log.exists() and "2" in log.read_text(), "the slow row never started"
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+        assert descendants  # the pool worker, its kernel, the resource tracker
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        gone, alive = psutil.wait_procs(descendants, timeout=20)
+        assert not alive, [p.cmdline()[:3] for p in alive]
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert read_record(record_path(out, "orphans", "second", 0)) is None
+
+
+def test_a_run_locked_by_another_process_is_left_alone_and_reported(tmp_path, capsys):
+    table_path, nb, out = _slow_sweep(tmp_path, "busy")
+    second = record_path(out, "busy", "second", 0)
+    with runner.run_lock(second) as mine:
+        assert mine
+        with runner.run_lock(second) as again:  # flock: a second open file description does not get it either
+            assert not again
+        assert runner.main([str(table_path), "--notebook", str(nb), "--out", str(out), "--no-progress"]) == 1
+    assert "another process is running them" in capsys.readouterr().out
+    assert read_record(record_path(out, "busy", "first", 0))["status"] == "finished"
+    assert read_record(second) is None and (out / "busy" / "executions.log").read_text().split() == ["1"]
+    assert runner.main([str(table_path), "--notebook", str(nb), "--out", str(out), "--no-progress"]) == 0
+    assert read_record(second)["status"] == "finished"

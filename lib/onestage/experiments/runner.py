@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import multiprocessing
 import os
 import re
@@ -264,6 +265,44 @@ def execute_job(job: dict) -> dict:
     t0 = time.perf_counter()
     rec_path = Path(job["record_path"])
     rec_path.parent.mkdir(parents=True, exist_ok=True)
+    with run_lock(rec_path) as locked:
+        if not locked:
+            return {"row": job["row"], "seed": job["seed"], "status": "locked", "seconds": 0.0,
+                    "error": f"another process is running it (lock {rec_path.with_suffix('.lock')}); nothing written"}
+        return _execute_locked(job, rec_path, t0)
+
+
+@contextlib.contextmanager
+def run_lock(rec_path: Path):
+    """An exclusive, non-blocking lock on ``<run>.lock`` beside the record, held while the run executes: a second
+    sweep started on the same results folder (say, while the workers of a killed one are still ending) skips the
+    run instead of training it twice in one folder. Yields False when another process holds it. The operating
+    system releases the lock when its holder dies, however it dies (``fcntl.flock``; no lock where fcntl is
+    missing, e.g. Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    with open(rec_path.with_suffix(".lock"), "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            yield True
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _execute_locked(job: dict, rec_path: Path, t0: float) -> dict:
+    import papermill
+
     error = tb = None
     source = job.get("weights_source")
     try:
@@ -310,9 +349,36 @@ def execute_job(job: dict) -> dict:
     return {"row": job["row"], "seed": job["seed"], "status": "failed", "error": error, "seconds": seconds}
 
 
-def _worker_init() -> None:
+def _worker_init(driver_pid: Optional[int] = None) -> None:
     # The parent decides what Ctrl-C means (stop launching); workers keep going until their run ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if driver_pid is not None:
+        die_with_parent(driver_pid)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """End this process when ``parent_pid`` (the sweep's driver) dies, even by SIGKILL: on Linux the kernel sends
+    SIGKILL (``prctl(PR_SET_PDEATHSIG)``), elsewhere a daemon thread polls the parent pid once a second. The run's
+    Jupyter kernel follows by itself: ipykernel exits when its parent (this worker) is gone. Without this a killed
+    driver leaves its workers training, and a rerun would train the same rows beside them."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the driver died before the line above ran
+        os._exit(1)
+
+    import threading
+
+    def poll():
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=poll, name="die-with-parent", daemon=True).start()
 
 
 def run_jobs(jobs: list[dict], workers: int = 1, progress: bool = True) -> tuple[list[dict], bool]:
@@ -342,7 +408,8 @@ def run_jobs(jobs: list[dict], workers: int = 1, progress: bool = True) -> tuple
     bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not progress)
     failures = 0
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked threads or sockets
-    with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=_worker_init) as pool:
+    with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=_worker_init,
+                                initargs=(os.getpid(),)) as pool:
         queue = list(todo)
         running: dict = {}
 
@@ -525,7 +592,11 @@ def run(args: argparse.Namespace) -> int:
     if interrupted:
         print("\nInterrupted: rerun the same command to resume (finished runs are skipped).")
         return 130
-    return 1 if any(s["status"] == "failed" for s in summaries) else 0
+    locked = [s for s in summaries if s["status"] == "locked"]
+    if locked:
+        print(f"\n{len(locked)} run(s) were left alone: another process is running them (a sweep still going, or "
+              f"the workers of one that was just stopped); rerun when it has ended.")
+    return 1 if any(s["status"] in ("failed", "locked") for s in summaries) else 0
 
 
 # Statistics tables need no training: the function that computes each one writes its records directly.
