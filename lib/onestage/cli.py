@@ -206,8 +206,8 @@ def cmd_eval(args) -> int:
     cfg = TrainConfig(test_min_size=args.min_size or test_min, test_max_size=args.max_size or test_max)
     ds = _dataset(args.data, args.split, cfg, train=False)
     start = time.perf_counter()
-    metrics = evaluate(model, ds, batch_size=args.batch_size, max_images=args.max_images,
-                       progress=not args.no_progress, verbose=args.verbose)
+    metrics, results = evaluate(model, ds, batch_size=args.batch_size, max_images=args.max_images,
+                                progress=not args.no_progress, verbose=args.verbose, return_predictions=True)
     wall = time.perf_counter() - start
     title = f"COCO AP: {args.checkpoint} on {args.data} {args.split}"
     if overrides:
@@ -221,6 +221,77 @@ def cmd_eval(args) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(metrics, indent=2))
         print(f"metrics: {args.json}")
+    if not args.no_analysis:
+        ckpt_path = Path(args.checkpoint)
+        out = Path(args.analysis_dir) if args.analysis_dir else (
+            Path("runs/analysis") / f"{ckpt_path.parent.name}-{ckpt_path.stem}-{_slug(args.data)}-{args.split}")
+        _write_analysis(out, ds, results, args.max_images, {"checkpoint": str(args.checkpoint), "data": args.data,
+                                                              "split": args.split, "metrics": metrics})
+    return 0
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(text).name if "/" in text and ":" not in text else text)[-60:]
+
+
+def _write_analysis(out: Path, ds, results: list, max_images: Optional[int], extra: dict) -> None:
+    """The error analysis of ``results`` on ``ds`` (its first ``max_images`` images when given) into ``out``."""
+    import contextlib
+    import copy
+    import io
+
+    from pycocotools.coco import COCO
+
+    from onestage.viz.errors import write_analysis
+
+    coco = ds.coco
+    if max_images is not None:  # the ground truth of the evaluated images only, or the rest would count as missed
+        keep = {int(i) for i in ds.ids[:max_images]}
+        sub = copy.deepcopy(coco.dataset)
+        sub["images"] = [im for im in sub["images"] if int(im["id"]) in keep]
+        sub["annotations"] = [a for a in sub["annotations"] if int(a["image_id"]) in keep]
+        coco = COCO()
+        coco.dataset = sub
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+    paths = write_analysis(out, coco, results, dataset=ds, extra=extra)
+    print(f"error analysis: {out}/ ({', '.join(p.name for p in paths.values())})")
+
+
+def cmd_analyze(args) -> int:
+    from onestage.analysis.errors import load_results
+    from onestage.config import TrainConfig
+
+    target = Path(args.target)
+    if not target.is_file():
+        raise UserError(f"not found: {target} (a checkpoint, or a COCO results JSON)")
+    if target.suffix.lower() == ".json":
+        try:
+            results = load_results(target)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{target}: not a COCO results file ({e})") from e
+        cfg = TrainConfig(test_min_size=args.min_size or 800, test_max_size=args.max_size or 1333)
+        ds = _dataset(args.data, args.split, cfg, train=False)
+        known = {int(i) for i in ds.coco.getImgIds()}
+        unknown = sorted({int(r["image_id"]) for r in results} - known)
+        if unknown:
+            raise UserError(f"{target}: {len(unknown)} image id(s) are not in {args.data} {args.split}, e.g. "
+                            f"{unknown[:5]}: results and ground truth must describe the same images")
+        extra = {"results": str(target), "data": args.data, "split": args.split}
+    else:
+        from onestage.engine.evaluate import evaluate
+
+        device = _device(args.device)
+        ckpt, model = _load(str(target), device)
+        test_min, test_max = _test_sizes(ckpt)
+        cfg = TrainConfig(test_min_size=args.min_size or test_min, test_max_size=args.max_size or test_max)
+        ds = _dataset(args.data, args.split, cfg, train=False)
+        metrics, results = evaluate(model, ds, max_images=args.max_images, progress=not args.no_progress,
+                                    return_predictions=True)
+        extra = {"checkpoint": str(target), "data": args.data, "split": args.split, "metrics": metrics}
+    _write_analysis(Path(args.out), ds, results, args.max_images, extra)
     return 0
 
 
@@ -571,10 +642,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model-set", action="append", metavar="KEY=VALUE",
                    help="inference setting of the model config for this evaluation, e.g. --model-set nms=mask "
                         "--model-set score_thresh=0.05 (repeatable; recorded in --json)")
+    e.add_argument("--analysis-dir", default=None,
+                   help="where the error analysis goes (default: runs/analysis/<run>-<checkpoint>-<data>-<split>)")
+    e.add_argument("--no-analysis", action="store_true",
+                   help="skip the error analysis (TIDE error types, PR curves, confusion matrix, worst images)")
     e.add_argument("--verbose", action="store_true", help="print COCOeval's own summary")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_eval)
+
+    a = sub.add_parser("analyze", formatter_class=fmt, help="where a checkpoint's (or any results file's) AP goes",
+                       description="Error analysis of a checkpoint, or of a COCO results JSON from any toolbox: TIDE "
+                                   "error types with their ΔAP (arXiv:2008.08115), PR curves, a confusion matrix, the "
+                                   "images with the most errors. Writes summary.json, pr_curves.png, "
+                                   "confusion_matrix.png, errors.png and worst_images.png into --out.")
+    a.add_argument("target", help="an onestage checkpoint, or a COCO results .json (a list of detections)")
+    a.add_argument("--data", default="synthetic", help=DATA_HELP)
+    a.add_argument("--split", default="val", help="dataset split")
+    a.add_argument("--out", required=True, help="output folder")
+    a.add_argument("--max-images", type=int, default=None, help="only the first N images (checkpoints only)")
+    a.add_argument("--min-size", type=int, default=None, help="test short side (default: from the checkpoint)")
+    a.add_argument("--max-size", type=int, default=None, help="test long-side cap (default: from the checkpoint)")
+    a.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    a.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a.set_defaults(func=cmd_analyze)
 
     r = sub.add_parser("predict", formatter_class=fmt, help="draw a checkpoint's predictions on an image",
                        description="Run a checkpoint on one image and save a picture with boxes (and masks).")
