@@ -491,6 +491,7 @@ def test_experiment_notebook_runs_quick(tmp_path):
     assert r["cost"]["inference_ms"] == r["inference_ms_per_image"] and r["cost"]["params_M"] > 0
     assert r["cost"]["head_output_mib"] > 0
     assert {"python", "torch", "torchvision", "onestage"} <= set(r["versions"])
+    assert set(r["errors"]["bbox"]["delta_ap"]) == {"cls", "loc", "both", "dupe", "bkg", "miss"}  # TIDE breakdown
 
 
 def test_train_set_overrides_are_parsed_checked_and_reach_every_job(tmp_path):
@@ -613,3 +614,27 @@ def test_a_run_locked_by_another_process_is_left_alone_and_reported(tmp_path, ca
     assert read_record(second) is None and (out / "busy" / "executions.log").read_text().split() == ["1"]
     assert runner.main([str(table_path), "--notebook", str(nb), "--out", str(out), "--no-progress"]) == 0
     assert read_record(second)["status"] == "finished"
+
+
+def test_report_attributes_each_claim_to_error_types_and_says_how_runs_were_made(tmp_path):
+    """Issue 17 item 4: a record's TIDE breakdown (record["errors"]) gives each claim its change per error type."""
+    from onestage.analysis.errors import ERROR_TYPES
+    from onestage.experiments.aggregate import report
+    from onestage.experiments.records import write_json_atomic
+    from onestage.experiments.tables import load_table
+
+    table = load_table("fcos_centerness")
+    for row, dupe in (("none", 4.0), ("cls", 1.0), ("reg", 1.0), ("computed", 3.0)):
+        for seed in range(2):
+            errs = {"delta_ap": {t: (dupe + seed if t == "dupe" else 1.0) for t in ERROR_TYPES},
+                    "fp_delta_ap": 10.0, "fn_delta_ap": 5.0 + seed, "counts": {}}
+            write_json_atomic(tmp_path / f"{row}__seed{seed}.json", {
+                "status": "finished", "metrics": {"bbox": {"AP": 30.0 - dupe + seed}}, "errors": {"bbox": errs},
+                "iterations": 300, "config": {"preset": "fast", "train_cfg": {"batch_size": 8, "min_size": [256],
+                                                                               "test_min_size": 320}}})
+    text, _ = report(table, tmp_path)
+    assert "Error attribution" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("| none vs cls (bbox) | 2 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2 + ERROR_TYPES.index("dupe")] == "+3.0 ± 0.0" and cells[2 + ERROR_TYPES.index("cls")] == "+0.0 ± 0.0"
+    assert "Runs: 8 finished" in text and "--preset fast --seeds 2 --train-set max_iters=300" in text

@@ -238,24 +238,10 @@ def _slug(text: str) -> str:
 
 def _write_analysis(out: Path, ds, results: list, max_images: Optional[int], extra: dict) -> None:
     """The error analysis of ``results`` on ``ds`` (its first ``max_images`` images when given) into ``out``."""
-    import contextlib
-    import copy
-    import io
-
-    from pycocotools.coco import COCO
-
+    from onestage.analysis.errors import subset_gt
     from onestage.viz.errors import write_analysis
 
-    coco = ds.coco
-    if max_images is not None:  # the ground truth of the evaluated images only, or the rest would count as missed
-        keep = {int(i) for i in ds.ids[:max_images]}
-        sub = copy.deepcopy(coco.dataset)
-        sub["images"] = [im for im in sub["images"] if int(im["id"]) in keep]
-        sub["annotations"] = [a for a in sub["annotations"] if int(a["image_id"]) in keep]
-        coco = COCO()
-        coco.dataset = sub
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco.createIndex()
+    coco = ds.coco if max_images is None else subset_gt(ds.coco, ds.ids[:max_images])
     paths = write_analysis(out, coco, results, dataset=ds, extra=extra)
     print(f"error analysis: {out}/ ({', '.join(p.name for p in paths.values())})")
 

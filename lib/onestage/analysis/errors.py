@@ -53,6 +53,7 @@ __all__ = [
     "ErrorBreakdown",
     "load_gt",
     "load_results",
+    "subset_gt",
     "error_breakdown",
     "pr_curves",
     "confusion_matrix",
@@ -77,6 +78,21 @@ def load_gt(gt: GtLike) -> COCO:
         return gt
     with contextlib.redirect_stdout(io.StringIO()):
         return COCO(str(gt))
+
+
+def subset_gt(gt: GtLike, image_ids) -> COCO:
+    """The ground truth of ``image_ids`` only (e.g. the images an evaluation with ``max_images`` saw: the others'
+    objects would otherwise count as missed)."""
+    coco = load_gt(gt)
+    keep = {int(i) for i in image_ids}
+    data = copy.deepcopy(coco.dataset)
+    data["images"] = [im for im in data["images"] if int(im["id"]) in keep]
+    data["annotations"] = [a for a in data.get("annotations", []) if int(a["image_id"]) in keep]
+    sub = COCO()
+    sub.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        sub.createIndex()
+    return sub
 
 
 def load_results(results: ResultsLike) -> list[dict]:

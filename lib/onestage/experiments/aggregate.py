@@ -82,8 +82,76 @@ def collect(table: PaperTable, results_dir: Union[str, Path]) -> list[dict]:
             "seeds": sorted(x["_seed"] for x in finished),
             "errors": [f"seed {x['_seed']}: {x.get('error') or 'unknown error'}" for x in failed],
             "metrics": metrics,
+            # per IoU type, seed → the TIDE breakdown the run stored (records from before it was stored have none)
+            "error_breakdown": {t: {x["_seed"]: x["errors"][t] for x in finished if t in (x.get("errors") or {})}
+                                for t in ("bbox", "segm")},
+            "schedule": [_schedule(x) for x in finished],
         })
     return out
+
+
+def _schedule(rec: dict) -> dict:
+    """How a run was trained, for the report's "Runs" line: preset, iterations, batch, sizes, what it overrode."""
+    cfg = rec.get("config") or {}
+    train = cfg.get("train_cfg") or {}
+    return {"preset": cfg.get("preset"), "iterations": rec.get("iterations"), "batch": train.get("batch_size"),
+            "train_size": train.get("min_size"), "test_size": train.get("test_min_size"),
+            "weights_from": bool(rec.get("weights_from"))}
+
+
+def runs_line(table: PaperTable, rows: list[dict]) -> Optional[str]:
+    """One line saying how the finished runs were trained, and the command that trains them again."""
+    runs = [s for r in rows for s in r.get("schedule", [])]
+    if not runs:
+        return None
+    trained = [s for s in runs if not s["weights_from"]] or runs
+    presets = sorted({str(s["preset"]) for s in trained})
+    iters = sorted({s["iterations"] for s in trained if s["iterations"] is not None})
+    batch = sorted({s["batch"] for s in trained if s["batch"] is not None})
+    sizes = sorted({str(s["train_size"]) for s in trained})
+    tests = sorted({s["test_size"] for s in trained if s["test_size"] is not None})
+    seeds = max((r["n_seeds"] for r in rows), default=0)
+    cmd = f"python -m onestage reproduce {table.id} --preset {presets[0]} --seeds {seeds}"
+    if len(iters) == 1:
+        cmd += f" --train-set max_iters={iters[0]}"
+    return (f"Runs: {len(runs)} finished ({len(runs) - len(trained)} of them evaluate another row's weights); "
+            f"preset {', '.join(presets)}; {', '.join(map(str, iters))} iterations of batch "
+            f"{', '.join(map(str, batch))}; training size {', '.join(sizes)}, test size {', '.join(map(str, tests))}. "
+            f"Again: `{cmd}`.")
+
+
+def error_attribution(table: PaperTable, rows: list[dict], claims: list[dict]) -> list[str]:
+    """Markdown lines: for each claim, how each TIDE error type's ΔAP (the AP it costs) changes from row b to row
+    a, mean ± std over the seeds both rows stored a breakdown for. A negative change: row a loses less AP to
+    that error type. Empty when no run stored a breakdown."""
+    from onestage.analysis.errors import ERROR_TYPES
+
+    by_name = {r["row"]: r for r in rows}
+    lines = []
+    for c in claims:
+        iou = "segm" if _claim_metric_path(c).startswith("segm") else "bbox"
+        a = by_name.get(c["row_a"], {}).get("error_breakdown", {}).get(iou, {})
+        b = by_name.get(c["row_b"], {}).get("error_breakdown", {}).get(iou, {})
+        seeds = sorted(set(a) & set(b))
+        if not seeds:
+            continue
+        cells = []
+        for t in ERROR_TYPES + ("FP", "FN"):
+            key = {"FP": "fp_delta_ap", "FN": "fn_delta_ap"}.get(t)
+            d = [(a[k][key] if key else a[k]["delta_ap"][t]) - (b[k][key] if key else b[k]["delta_ap"][t])
+                 for k in seeds]
+            st = _stats(d)
+            cells.append(f"{st['mean']:+.1f}" + (f" ± {st['std']:.1f}" if st["std"] is not None else ""))
+        lines.append(f"| {c['row_a']} vs {c['row_b']} ({iou}) | {len(seeds)} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    head = ("| claim rows (a vs b) | seeds | " + " | ".join(ERROR_TYPES) + " | all FPs | all FNs |")
+    return ["", "Error attribution (TIDE, arXiv:2008.08115; ΔAP50 each error type costs, row a minus row b; negative: "
+                "row a loses less to it):", "", head, "|" + "---|" * (len(ERROR_TYPES) + 4)] + lines
+
+
+def _claim_metric_path(claim: dict) -> str:
+    return claim.get("metric") or ""
 
 
 def _claim_metric(table: PaperTable, claim: Claim) -> str:
@@ -173,6 +241,10 @@ def markdown(table: PaperTable, rows: list[dict], claims: list[dict]) -> str:
             agree = {True: " (all seeds agree)", False: " (seeds disagree)", None: ""}[c.get("seeds_agree")]
             out.append(f"| {c['claim']} | {c['row_a']} {sign} {c['row_b']} | {c['metric']} | {_fmt_delta(c['ours_delta'])} "
                        f"| {_fmt_delta(c['published_delta'])} | {c['status']} | {noise} | {per_seed}{agree} |")
+    out += error_attribution(table, rows, claims)
+    runs = runs_line(table, rows)
+    if runs:
+        out += ["", runs]
     errors = [(r["row"], e) for r in rows for e in r["errors"]]
     if errors:
         out += ["", "Failed runs:"]

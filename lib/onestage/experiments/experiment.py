@@ -170,14 +170,27 @@ def pick_metrics(metrics: dict) -> dict:
     return {iou: {k: float(v[k]) for k in keys if k in v} for iou, v in (metrics or {}).items() if isinstance(v, dict)}
 
 
+def error_summary(dataset, results: list, max_images: Optional[int] = None) -> dict:
+    """Per IoU type, the TIDE breakdown of a run's COCO results (:meth:`onestage.analysis.errors.ErrorBreakdown.summary`:
+    ΔAP and count per error type), on the images that were evaluated; stored as ``record["errors"]`` so a report
+    can say which error an ablation moved."""
+    from onestage.analysis.errors import analyze, subset_gt
+
+    coco = dataset.coco if max_images is None else subset_gt(dataset.coco, dataset.ids[:max_images])
+    return {t: v["errors"] for t, v in analyze(coco, results).items()}
+
+
 def make_record(*, model: str, preset: str, effective_preset: str, quick: bool, seed: int, data: str,
                 overrides: dict, model_cfg: dict, train_cfg: dict, metrics: dict, train_summary: dict,
                 train_time_s: float, inference_ms_per_image: float, num_val_images: int,
-                cost: Optional[dict] = None, weights_from: Optional[str] = None) -> dict:
+                cost: Optional[dict] = None, weights_from: Optional[str] = None,
+                errors: Optional[dict] = None) -> dict:
     """The one record a finished run leaves (``status: finished``); see ``data/paper_tables/README.md``.
     ``cost`` (from :func:`cost_summary`) is stored as ``record["cost"]``. ``weights_from``: the run whose trained
     weights this one evaluated instead of training (its ``train_time_s`` and iterations are that run's)."""
     extra = {"weights_from": str(weights_from)} if weights_from else {}
+    if errors:
+        extra["errors"] = errors
     return {
         "format": RECORD_FORMAT,
         "status": "finished",
