@@ -23,6 +23,7 @@ EXPECTED_OUTPUT = {
                                         "| head (100 instances) | params | ours: ms",
                                         "Mask R-CNN MaskRCNNHeads + predictor (28x28)"],
     "05_solo_grids.ipynb": ["channels k = i·S + j"],
+    "07_error_analysis.ipynb": ["| classification | 1 | +50.0 |", "| model | type | AP50 (TIDE) |"],
 }
 
 
