@@ -192,3 +192,29 @@ def test_analyze_is_json_able_and_covers_masks_when_present():
     json.dumps(out)
     assert set(out["bbox"]["errors"]["delta_ap"]) == set(ERROR_TYPES)
     assert set(analyze(_coco(gt), dets)) == {"bbox"}
+
+
+def test_one_image_outcomes_from_tensors_match_the_breakdown():
+    """What the prediction explorer colours by: the hand-made image, as a model's output and a dataset target."""
+    import torch
+
+    from onestage.analysis.errors import image_error_types
+
+    coco = _coco(HAND_GT)
+    xyxy = lambda b: [b[0], b[1], b[0] + b[2], b[1] + b[3]]  # noqa: E731
+    cat = {1: 0, 2: 1}
+    target = {"boxes": torch.tensor([xyxy(a["bbox"]) for a in coco.dataset["annotations"]]),
+              "labels": torch.tensor([cat[a["category_id"]] for a in coco.dataset["annotations"]])}
+    dets = {"boxes": torch.tensor([xyxy(d["bbox"]) for d in HAND_DETS]),
+            "labels": torch.tensor([cat[d["category_id"]] for d in HAND_DETS]),
+            "scores": torch.tensor([d["score"] for d in HAND_DETS])}
+    types, missed = image_error_types(target, dets)
+    assert types == ["tp", "dupe", "loc", "cls", "bkg", "both"] and missed == [3]
+    masks = torch.zeros(4, 400, 400, dtype=torch.bool)
+    for k, (x0, y0, x1, y1) in enumerate(target["boxes"].int().tolist()):
+        masks[k, y0:y1, x0:x1] = True
+    dmasks = torch.zeros(6, 400, 400)
+    for k, (x0, y0, x1, y1) in enumerate(dets["boxes"].int().tolist()):
+        dmasks[k, y0:y1, x0:x1] = 1.0
+    types, missed = image_error_types({**target, "masks": masks}, {**dets, "masks": dmasks}, "segm")
+    assert types == ["tp", "dupe", "loc", "cls", "bkg", "both"] and missed == [3]

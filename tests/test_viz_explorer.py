@@ -231,3 +231,24 @@ def test_explorer_redraws_on_every_control(low_thresh_models, images):
     w.controls["upload"].value = upload
     assert w.state.error is None and w.controls["source"].value == "upload"
     assert w.state.explanations[0].image.shape == (3, 64, 96)  # the upload, at the test size
+
+
+def test_detections_coloured_by_error_type_against_the_ground_truth(low_thresh_models, images):
+    """Issue 17 item 5: a detection on an object is a TP, the same object again a duplicate, an object nobody
+    found is drawn as missed; the widget's colour control switches to it (validation images only)."""
+    from onestage.viz.explorer import error_outcomes
+
+    expl = explain(low_thresh_models["fcos"], images[0][0])
+    det = expl.detections
+    target = {"boxes": torch.cat([det["boxes"][:1], torch.tensor([[100.0, 100.0, 120.0, 120.0]])]),
+              "labels": torch.cat([det["labels"][:1], det["labels"][:1]])}
+    types, missed = error_outcomes(expl, target)
+    assert types[0] == "tp" and missed == [1] and len(types) == len(det["boxes"])
+    assert all(t in ("tp", "cls", "loc", "both", "dupe", "bkg") for t in types)
+    fig = plot_comparison([expl], 0.0, 0, target=target)
+    assert "missed" in fig.axes[0].get_title()
+    w = prediction_explorer({"fcos": low_thresh_models["fcos"]}, {"synthetic": Images([(images[0][0], target)])},
+                            score_thresh=0.0, dpi=20)
+    before, count = w.children[-1].value, w.state.redraws
+    w.controls["color_by"].value = "error"
+    assert w.state.redraws == count + 1 and w.state.error is None and w.children[-1].value != before

@@ -58,6 +58,7 @@ __all__ = [
     "pr_curves",
     "confusion_matrix",
     "worst_images",
+    "image_error_types",
     "analyze",
 ]
 
@@ -442,6 +443,55 @@ def confusion_matrix(gt: GtLike, results: ResultsLike, iou_type: str = "bbox", i
             if m == 0 and not ign:
                 M[K, pos[int(dt_anns[did]["category_id"])]] += 1
     return M, names
+
+
+def image_error_types(target: dict, detections: dict, iou_type: str = "bbox", pos_thresh: float = 0.5,
+                      bg_thresh: float = 0.1) -> tuple[list, list]:
+    """The TIDE outcome of each detection of one image, from tensors in one coordinate frame (what a model returns
+    and a dataset's target holds: ``boxes`` xyxy, ``labels``, ``scores``, optional ``masks``): ``(types, missed)``
+    — one of ``"tp"`` or :data:`ERROR_TYPES` per detection, in the detections' order, and the indices of the
+    missed ground-truth objects. Runs :func:`error_breakdown` on a one-image COCO built from them."""
+    import torch
+
+    def xywh(b):
+        b = [float(v) for v in b]
+        return [b[0], b[1], b[2] - b[0], b[3] - b[1]]
+
+    def rle(m):
+        r = mask_utils.encode(np.asfortranarray(m.detach().cpu().numpy().astype(np.uint8)))
+        r["counts"] = r["counts"].decode()
+        return r
+
+    use_masks = iou_type == "segm"
+    h, w = (int(v) for v in (target["masks"].shape[-2:] if use_masks else (1, 1)))
+    labels = sorted({int(v) for v in torch.cat([target["labels"].flatten(), detections["labels"].flatten()])})
+    anns = []
+    for k in range(len(target["boxes"])):
+        a = {"id": k + 1, "image_id": 1, "category_id": int(target["labels"][k]) + 1,
+             "bbox": xywh(target["boxes"][k]), "iscrowd": 0}
+        a["area"] = a["bbox"][2] * a["bbox"][3]
+        if use_masks:
+            a["segmentation"] = rle(target["masks"][k])
+            a["area"] = float(mask_utils.area(a["segmentation"]))
+        anns.append(a)
+    coco = COCO()
+    coco.dataset = {"images": [{"id": 1, "width": w, "height": h}], "annotations": anns,
+                    "categories": [{"id": c + 1, "name": str(c)} for c in labels]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    results = []
+    for k in range(len(detections["boxes"])):
+        r = {"image_id": 1, "category_id": int(detections["labels"][k]) + 1, "bbox": xywh(detections["boxes"][k]),
+             "score": float(detections["scores"][k])}
+        if use_masks:
+            m = detections["masks"][k]
+            r["segmentation"] = rle((m[0] if m.dim() == 3 else m) > 0.5 if m.is_floating_point() else m.bool())
+        results.append(r)
+    br = error_breakdown(coco, results, iou_type, pos_thresh, bg_thresh, max_dets=max(len(results), 1))
+    types = ["bkg"] * len(results)
+    for d in br.detections:
+        types[d["index"]] = d["type"]
+    return types, sorted(m["gt_id"] - 1 for m in br.missed)
 
 
 def worst_images(breakdown: ErrorBreakdown, k: int = 6) -> list[tuple[int, dict]]:

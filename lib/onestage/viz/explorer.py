@@ -393,24 +393,54 @@ def _style(ax, title: str):
     ax.set_yticks([])
 
 
-def _draw_detections(ax, expl: Explanation, score_thresh: float, highlight: Optional[int] = None):
-    """Detections scoring ≥ ``score_thresh`` (masks, boxes, labels; colour = class); ``highlight`` (an index into
-    all detections) gets a thick white box."""
+def error_outcomes(expl: Explanation, target: dict) -> tuple[list, list]:
+    """``(types, missed)`` of :func:`onestage.analysis.errors.image_error_types` for ``expl``'s detections against
+    ``target`` (the image's ground truth, in the same frame), masks when both have them; cached on ``expl``."""
+    from onestage.analysis.errors import image_error_types
+
+    key = ("errors", id(target))
+    if key not in expl.cache:
+        iou_type = "segm" if "masks" in expl.detections and "masks" in target else "bbox"
+        expl.cache[key] = image_error_types(target, expl.detections, iou_type)
+    return expl.cache[key]
+
+
+def _draw_detections(ax, expl: Explanation, score_thresh: float, highlight: Optional[int] = None,
+                     target: Optional[dict] = None):
+    """Detections scoring ≥ ``score_thresh`` (masks, boxes, labels; colour = class, or with ``target`` — the
+    image's ground truth — colour = TIDE outcome (:data:`onestage.viz.errors.ERROR_COLORS`) and the missed objects
+    drawn in the "miss" colour); ``highlight`` (an index into all detections) gets a thick white box."""
+    from onestage.viz.errors import ERROR_COLORS
+
     det = expl.detections
     keep = shown_detections(expl, score_thresh)
     img = _uint8(expl.image)
     names = expl.class_names
     palette = class_colors(max(len(names) if names else 0, int(det["labels"].max()) + 1 if len(det["labels"]) else 1))
-    colors = [palette[int(c)] for c in det["labels"][keep]]
+    types, missed = error_outcomes(expl, target) if target is not None else (None, [])
+    if types is None:
+        colors = [palette[int(c)] for c in det["labels"][keep]]
+    else:
+        colors = [ERROR_COLORS[types[int(i)]] for i in keep]
     if "masks" in det and len(keep):
         img = draw_segmentation_masks(img, det["masks"][keep].bool(), alpha=0.45, colors=colors)
     if len(keep):
-        texts = [f"{_class_name(int(det['labels'][i]), names)} {float(det['scores'][i]):.2f}" for i in keep]
+        texts = [(f"{types[int(i)]} " if types is not None else "")
+                 + f"{_class_name(int(det['labels'][i]), names)} {float(det['scores'][i]):.2f}" for i in keep]
         img = draw_bounding_boxes(img, det["boxes"][keep].float(), labels=texts, colors=colors, width=2)
+    if missed:
+        img = draw_bounding_boxes(img, target["boxes"][missed].float(), colors=ERROR_COLORS["miss"], width=3,
+                                  labels=[f"missed {_class_name(int(target['labels'][j]), names)}" for j in missed])
     if highlight is not None and len(det["boxes"]):
         img = draw_bounding_boxes(img, det["boxes"][highlight][None].float(), colors=[_HIGHLIGHT], width=4)
     ax.imshow(img.permute(1, 2, 0).numpy())
     title = f"{expl.name}: {len(keep)} detections (score ≥ {score_thresh:.2f})"
+    if types is not None:
+        counts = {}
+        for i in keep:
+            counts[types[int(i)]] = counts.get(types[int(i)], 0) + 1
+        title += "\n" + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + (
+            f", {len(missed)} missed" if missed else "")
     if expl.note:
         title += "\n(none passes the model's own threshold: best candidates)"
     _style(ax, title)
@@ -655,10 +685,11 @@ def plot_provenance(expl: Explanation, k: int = 0, cols: int = 4, panel: float =
 
 
 def plot_comparison(expls: Sequence[Explanation], score_thresh: float = 0.3, instance: int = 0,
-                    panel: float = 2.2) -> Figure:
+                    panel: float = 2.2, target: Optional[dict] = None) -> Figure:
     """Models side by side, one column each: the detections scoring ≥ ``score_thresh`` on top (the selected one
     boxed in white), below it the four panels of where detection number ``instance`` *among those shown* came
-    from. The figure carries ``selected`` (per model, the index into its detections, or ``None``)."""
+    from. With ``target`` (the image's ground truth) the detections are coloured by error type and the missed
+    objects drawn. The figure carries ``selected`` (per model, the index into its detections, or ``None``)."""
     n = max(len(expls), 1)
     fig = Figure(figsize=(2 * panel * n, 4 * panel + 0.2), layout="constrained")
     subs = fig.subfigures(1, n, squeeze=False)[0]
@@ -668,7 +699,7 @@ def plot_comparison(expls: Sequence[Explanation], score_thresh: float = 0.3, ins
         k = int(shown[int(instance) % len(shown)]) if len(shown) else None
         fig.selected.append(k)
         grid = sub.add_gridspec(4, 2)
-        _draw_detections(sub.add_subplot(grid[:2, :]), expl, score_thresh, highlight=k)
+        _draw_detections(sub.add_subplot(grid[:2, :]), expl, score_thresh, highlight=k, target=target)
         axes = [sub.add_subplot(grid[2 + r, c]) for r in range(2) for c in range(2)]
         if k is None:
             axes[0].text(0.0, 0.5, f"no detection ≥ {score_thresh:.2f}:\nlower the threshold", fontsize=8)
@@ -695,13 +726,16 @@ def _upload_content(value):
 def prediction_explorer(models: Dict[str, torch.nn.Module], sources: Dict[str, object],
                         selected: Optional[Sequence[str]] = None, source: Optional[str] = None, image_index: int = 0,
                         score_thresh: float = 0.3, instance: int = 0, min_size: int = 320, max_size: int = 352,
-                        dpi: int = 80, cache_size: int = 24):
+                        dpi: int = 80, cache_size: int = 24, color_by: str = "class"):
     """Widgets around :func:`plot_comparison`: which models (several side by side), which image (a validation
     image of one of ``sources``, or an uploaded file: uploading switches the source to it), the score threshold,
     and which detection to explain (by score among those shown). Every model runs once per image (cached).
 
+    ``color_by="error"`` colours the detections of a validation image by their TIDE outcome against its ground truth
+    and draws the missed objects (uploads have no ground truth: by class).
+
     The widget carries ``controls`` (``models``, ``source``, ``image_index``, ``score_thresh``, ``instance``,
-    ``upload``), ``state`` (``explanations``, ``redraws``, ``figure``, ``error``) and ``update``."""
+    ``upload``, ``color_by``), ``state`` (``explanations``, ``redraws``, ``figure``, ``error``) and ``update``."""
     import ipywidgets as widgets
 
     from onestage.viz.widgets import figure_explorer
@@ -724,9 +758,14 @@ def prediction_explorer(models: Dict[str, torch.nn.Module], sources: Dict[str, o
         "instance": widgets.IntSlider(value=int(instance), min=0, max=19, description="detection #",
                                       continuous_update=False),
         "upload": widgets.FileUpload(accept="image/*", multiple=False, description="your image"),
+        "color_by": widgets.ToggleButtons(options=[("class", "class"), ("error type", "error")],
+                                          value=color_by, description="colour",
+                                          tooltip="error type: TP, duplicate, localisation, class, background "
+                                                  "(TIDE), and the missed objects; validation images only"),
     }
     state = SimpleNamespace(explanations=[], uploaded=None)
     cache: dict = {}
+    targets: dict = {}
 
     def current_image():
         src = controls["source"].value
@@ -734,14 +773,19 @@ def prediction_explorer(models: Dict[str, torch.nn.Module], sources: Dict[str, o
             data, name = _upload_content(controls["upload"].value)
             if data is None:
                 raise ValueError("no file uploaded yet: use the 'your image' button")
-            return image_from_bytes(data, min_size, max_size), ("upload", name, hash(data)), None, f"upload {name}"
+            return (image_from_bytes(data, min_size, max_size), ("upload", name, hash(data)), None, f"upload {name}",
+                    None)
         ds = sources[src]
         i = controls["image_index"].value % len(ds)
-        image, _ = ds[i]
-        return image, (src, i), getattr(ds, "class_names", None), f"{src} val image {i}"
+        image, target = ds[i]
+        return image, (src, i), getattr(ds, "class_names", None), f"{src} val image {i}", target
 
     def render():
-        image, key, _, title = current_image()
+        image, key, _, title, target = current_image()
+        if key not in targets:
+            if len(targets) >= cache_size:
+                targets.pop(next(iter(targets)))
+            targets[key] = target  # one object per image: the error outcomes cache on its identity
         expls = []
         for name in controls["models"].value or tuple(names[:1]):
             ck = (name, key)
@@ -751,7 +795,8 @@ def prediction_explorer(models: Dict[str, torch.nn.Module], sources: Dict[str, o
                 cache[ck] = explain(models[name], image)
             expls.append(cache[ck])
         thresh, inst = controls["score_thresh"].value, controls["instance"].value
-        fig = plot_comparison(expls, thresh, inst)
+        by_error = controls["color_by"].value == "error" and "boxes" in (targets[key] or {})
+        fig = plot_comparison(expls, thresh, inst, target=targets[key] if by_error else None)
         state.explanations = expls
         lines = []
         for expl, k in zip(expls, fig.selected):
@@ -765,7 +810,7 @@ def prediction_explorer(models: Dict[str, torch.nn.Module], sources: Dict[str, o
             controls["source"].value = "upload"  # renders (and the upload's own change rendered too)
 
     box = figure_explorer(controls, [["models", "source", "image_index", "upload"],
-                                     ["score_thresh", "instance"]], render, state, dpi)
+                                     ["score_thresh", "instance", "color_by"]], render, state, dpi)
     controls["upload"].observe(on_upload, names="value")
     box.children[-1].layout.align_self = "flex-start"  # natural size: a VBox would stretch (and blur) the picture
     return box
