@@ -492,6 +492,14 @@ def test_experiment_notebook_runs_quick(tmp_path):
     assert r["cost"]["head_output_mib"] > 0
     assert {"python", "torch", "torchvision", "onestage"} <= set(r["versions"])
     assert set(r["errors"]["bbox"]["delta_ap"]) == {"cls", "loc", "both", "dupe", "bkg", "miss"}  # TIDE breakdown
+    # a record from before runs stored it: --backfill-errors re-evaluates the run's weights to the same numbers
+    from onestage.experiments.experiment import backfill_errors
+
+    stored = r.pop("errors")
+    rec.write_text(json.dumps(r))
+    again = backfill_errors(rec, tmp_path / "run")
+    assert again["errors"] == stored and again["errors_backfilled"]["from"].endswith("final.pt")
+    assert backfill_errors(rec, tmp_path / "run") is None  # already has one
 
 
 def test_train_set_overrides_are_parsed_checked_and_reach_every_job(tmp_path):

@@ -219,3 +219,44 @@ def make_record(*, model: str, preset: str, effective_preset: str, quick: bool, 
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
+
+
+def backfill_errors(record_path, run_dir, data: str = "synthetic", tolerance: float = 0.05) -> Optional[dict]:
+    """Add the TIDE breakdown (``record["errors"]``) to a finished record made before runs stored it, by evaluating
+    the weights its run left (``run_dir/final.pt``; for a row that evaluated another row's weights, that run's
+    folder) with the record's own model config and test size. The re-evaluation must give the record's metrics
+    (within ``tolerance`` AP: evaluation is deterministic), else nothing is written; the record says it was
+    backfilled. Returns the updated record, or None when it already had one or is not finished."""
+    import dataclasses
+    import json
+
+    import onestage
+    from onestage.config import TrainConfig
+    from onestage.data import dataset_for_config
+    from onestage.engine.evaluate import evaluate
+    from onestage.experiments.records import read_record, write_json_atomic
+
+    rec = read_record(record_path)
+    if rec is None or rec.get("status") != "finished" or rec.get("errors"):
+        return None
+    cfg = rec["config"]
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    train_cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["train_cfg"].items()
+                               if k in names})
+    val = dataset_for_config(rec.get("data", data), "val", train_cfg, train=False, model=cfg["model"])
+    net = onestage.build_model(cfg["model"], preset=cfg["effective_preset"], num_classes=val.num_classes,
+                               **cfg["overrides"])
+    load_trained_weights(net, run_dir)
+    net.eval()
+    n = rec.get("num_val_images")
+    metrics, results = evaluate(net, val, max_images=n, progress=False, return_predictions=True)
+    for iou, ms in pick_metrics(metrics).items():
+        recorded = (rec.get("metrics") or {}).get(iou, {}).get("AP")
+        if recorded is not None and abs(ms["AP"] - recorded) > tolerance:
+            raise ValueError(f"{record_path}: re-evaluating {run_dir} gives {iou} AP {ms['AP']:.2f}, the record says "
+                             f"{recorded:.2f}: not the same model or data; nothing written")
+    rec["errors"] = error_summary(val, results, n)
+    rec["errors_backfilled"] = {"from": str(Path(run_dir) / "final.pt"), "on": datetime.now(timezone.utc).isoformat(
+        timespec="seconds"), "git_commit": git_commit()}
+    write_json_atomic(record_path, json.loads(json.dumps(rec)))
+    return rec

@@ -494,6 +494,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--results-dir", type=Path,
                         help="folder holding <row>__seed<k>.json records for --report (default: <out>/<table>)")
     parser.add_argument("--figure", type=Path, help="with --report: also save the comparison figure here")
+    parser.add_argument("--backfill-errors", action="store_true",
+                        help="add the TIDE error breakdown to the finished records in --results-dir that lack it, "
+                             "by evaluating the weights their runs left in <out>/<table>/ (no training), then report")
     parser.add_argument("--train-set", action="append", metavar="KEY=VALUE", default=[],
                         help="TrainConfig override for every run, e.g. --train-set max_iters=300 --train-set "
                              "time_budget_s=None (values are Python literals; recorded in each run's config)")
@@ -537,6 +540,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    if args.backfill_errors:
+        from onestage.experiments.experiment import backfill_errors
+
+        results_dir = args.results_dir or Path(args.out) / table.id
+        done = 0
+        for path in sorted(Path(results_dir).glob("*__seed*.json")):
+            rec = read_record(path)
+            if rec is None or rec.get("status") != "finished" or rec.get("errors"):
+                continue
+            source = rec.get("weights_from") or rec.get("weights_source")
+            stem = Path(source).stem if source and source.endswith(".json") else None
+            run_dir = Path(source) if source and not stem else Path(args.out) / table.id / (stem or path.stem)
+            try:
+                backfill_errors(path, run_dir, data=args.data)
+            except (FileNotFoundError, ValueError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            done += 1
+            print(f"{path.name}: breakdown added from {run_dir}")
+        print(f"{done} record(s) backfilled")
+        args.report = True
     if args.report:
         from onestage.experiments.aggregate import report, write_report
 
