@@ -300,13 +300,10 @@ class CondInst(FCOS):
 
     def _candidates(self, head_out, locations, image_sizes) -> List[dict]:
         """Pre-NMS candidates (FCOS thresholding and per-level top-k, no suppression), best first."""
-        c = self.cfg
-        from onestage.modeling.fcos import postprocess
+        from onestage.modeling.fcos import postprocess, postprocess_kwargs
 
-        return postprocess(head_out, locations, self.strides, image_sizes, c.score_thresh, c.pre_nms_topk,
-                           nms_thresh=1.0, detections_per_img=c.mask_nms_max_candidates,
-                           thresh_with_ctr=c.thresh_with_ctr, return_indices=True,
-                           ctr_from_reg=c.centerness_on == "computed")
+        return postprocess(head_out, locations, self.strides, image_sizes, **postprocess_kwargs(
+            self.cfg, nms_thresh=1.0, detections_per_img=self.cfg.mask_nms_max_candidates, return_indices=True))
 
     def _paste(self, probs: Tensor, image_size: tuple, padded_size: tuple) -> Tensor:
         """Probabilities at the output stride → boolean masks at the input size: aligned upsampling to stride 1 of the

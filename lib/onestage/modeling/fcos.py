@@ -471,6 +471,18 @@ def fcos_losses(head_out: FCOSHeadOutputs, assigned: FCOSTargets, num_classes: i
 # 6. Inference
 # ---------------------------------------------------------------------------------------------------------------
 
+def postprocess_kwargs(cfg, **changes) -> dict:
+    """The keyword arguments of :func:`postprocess` a config (FCOS, CondInst, BlendMask: the FCOS inference
+    fields) asks for, with ``changes`` on top — one place that spells them, for the models and for viz."""
+    kwargs = dict(score_thresh=cfg.score_thresh, pre_nms_topk=cfg.pre_nms_topk, nms_thresh=cfg.nms_thresh,
+                  detections_per_img=cfg.detections_per_img, thresh_with_ctr=cfg.thresh_with_ctr,
+                  ctr_from_reg=getattr(cfg, "centerness_on", None) == "computed")
+    unknown = sorted(set(changes) - set(kwargs) - {"return_indices"})
+    if unknown:
+        raise TypeError(f"postprocess_kwargs: unknown postprocess argument(s) {unknown}")
+    return {**kwargs, **changes}
+
+
 def postprocess(head_out: FCOSHeadOutputs, locations: Sequence[Tensor], strides: Sequence[int],
                 image_sizes: Sequence[tuple], score_thresh: float = 0.05, pre_nms_topk: int = 1000,
                 nms_thresh: float = 0.6, detections_per_img: int = 100, thresh_with_ctr: bool = False,
@@ -598,10 +610,8 @@ class FCOS(nn.Module):
 
     def postprocess(self, head_out: FCOSHeadOutputs, locations: Sequence[Tensor], image_sizes: Sequence[tuple],
                     return_indices: bool = False):
-        c = self.cfg
-        return postprocess(head_out, locations, self.strides, image_sizes, c.score_thresh, c.pre_nms_topk,
-                           c.nms_thresh, c.detections_per_img, c.thresh_with_ctr, return_indices,
-                           ctr_from_reg=c.centerness_on == "computed")
+        return postprocess(head_out, locations, self.strides, image_sizes,
+                           **postprocess_kwargs(self.cfg, return_indices=return_indices))
 
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None):
         if self.training and targets is None:

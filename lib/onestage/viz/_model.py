@@ -22,9 +22,8 @@ def detections_for_display(model, head_out, locations, sizes):
     det = model.postprocess(head_out, locations, sizes, return_indices=True)[0]
     if len(det["boxes"]):
         return det, ""
-    from onestage.modeling.fcos import postprocess
+    from onestage.modeling.fcos import postprocess, postprocess_kwargs
 
-    c = model.cfg
-    det = postprocess(head_out, locations, model.strides, sizes, 0.0, c.pre_nms_topk, c.nms_thresh,
-                      c.detections_per_img, c.thresh_with_ctr, True)[0]
+    det = postprocess(head_out, locations, model.strides, sizes,
+                      **postprocess_kwargs(model.cfg, score_thresh=0.0, return_indices=True))[0]
     return det, BEST_CANDIDATES_NOTE

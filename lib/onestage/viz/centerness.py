@@ -32,7 +32,8 @@ from torch import Tensor
 from torchvision.ops import box_iou
 from torchvision.utils import draw_bounding_boxes
 
-from onestage.modeling.fcos import FCOSHeadOutputs, centerness_target, compute_locations, postprocess
+from onestage.modeling.fcos import (FCOSHeadOutputs, centerness_target, compute_locations, postprocess,
+                                    postprocess_kwargs)
 from onestage.viz._model import model_device
 from onestage.viz.widgets import figure_explorer
 
@@ -561,9 +562,8 @@ def detect(model, image: Tensor, use_centerness: bool = True, cache: Optional[di
             cache[key] = (head_out, locations, size)
     if not use_centerness:
         head_out = head_out._replace(ctrness=None)
-    c = model.cfg
-    return postprocess(head_out, locations, model.strides, [size], c.score_thresh, c.pre_nms_topk, c.nms_thresh,
-                       c.detections_per_img, c.thresh_with_ctr)[0]
+    kwargs = postprocess_kwargs(model.cfg) if use_centerness else postprocess_kwargs(model.cfg, ctr_from_reg=False)
+    return postprocess(head_out, locations, model.strides, [size], **kwargs)[0]
 
 
 def nms_effect(model, dataset, num_images: int = 50, count_thresh: Optional[float] = None,
