@@ -55,9 +55,12 @@ def _train_cfg_from_args(args, base=None):
     if getattr(args, "time_budget", None) is not None and args.time_budget <= 0:
         overrides["time_budget_s"] = None  # 0 = no budget
     try:
-        cfg = TrainConfig(**base) if base is not None else get_train_config(args.preset)
-        if isinstance(cfg.min_size, list):
-            cfg = cfg.replace(min_size=tuple(cfg.min_size), lr_steps=tuple(cfg.lr_steps))
+        if base is not None:
+            from onestage.engine.checkpoint import config_from_dict
+
+            cfg = config_from_dict(TrainConfig, base)
+        else:
+            cfg = get_train_config(args.preset)
         return cfg.replace(**overrides)
     except (TypeError, ValueError) as e:
         raise UserError(str(e)) from e

@@ -309,19 +309,22 @@ def _model_classes(ckpt: dict):
     raise ValueError(f"checkpoint names model {name!r}, which is not registered (onestage.available_models())")
 
 
-def _cfg_from_dict(cfg_cls, cfg_dict: dict):
-    """Rebuild the config dataclass from its stored fields; a field the class no longer has is a clear error."""
-    known = {f.name: f for f in dataclasses.fields(cfg_cls)}
-    unknown = sorted(set(cfg_dict) - set(known))
-    if unknown:
+def config_from_dict(cfg_cls, cfg_dict: dict, ignore_unknown: bool = False):
+    """Rebuild a config dataclass (a model config, :class:`onestage.config.TrainConfig`) from its stored fields —
+    a checkpoint's or a JSON record's, where tuples have become lists (turned back into tuples here). A field the
+    class no longer has is a clear error, or skipped with ``ignore_unknown``; missing fields take their defaults."""
+    known = {f.name for f in dataclasses.fields(cfg_cls)}
+    unknown = sorted(set(cfg_dict) - known)
+    if unknown and not ignore_unknown:
         raise ValueError(f"checkpoint config has fields {unknown} that {cfg_cls.__name__} no longer knows")
-    return cfg_cls(**cfg_dict)
+    return cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict.items() if k in known})
+
 
 
 def model_from_checkpoint(ckpt: dict, map_location="cpu") -> nn.Module:
     """Build the model recorded in a loaded checkpoint dict and load its weights (eval mode)."""
     cfg_cls, model_cls = _model_classes(ckpt)
-    cfg = _cfg_from_dict(cfg_cls, ckpt["model_cfg"])
+    cfg = config_from_dict(cfg_cls, ckpt["model_cfg"])
     model = model_cls(cfg, num_classes=ckpt["num_classes"])
     model.name = ckpt.get("model_name") or getattr(model, "name", None)
     model.preset = ckpt.get("model_preset")

@@ -147,7 +147,7 @@ def load_trained_weights(model, run_dir) -> dict:
     (:func:`onestage.modeling.training_view`) — only inference may differ — or when it did not finish."""
     import json
 
-    from onestage.engine.checkpoint import load_checkpoint
+    from onestage.engine.checkpoint import config_from_dict, load_checkpoint
     from onestage.modeling import training_view
 
     run_dir = Path(run_dir)
@@ -155,7 +155,7 @@ def load_trained_weights(model, run_dir) -> dict:
     if not final.is_file():
         raise FileNotFoundError(f"weights_from: {final} does not exist (the source run has not finished)")
     ckpt = load_checkpoint(final)
-    source_cfg = type(model.cfg)(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_cfg"].items()})
+    source_cfg = config_from_dict(type(model.cfg), ckpt["model_cfg"])
     if training_view(source_cfg) != training_view(model.cfg):
         theirs, ours = training_view(source_cfg), training_view(model.cfg)
         diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
@@ -227,11 +227,11 @@ def backfill_errors(record_path, run_dir, data: str = "synthetic", tolerance: fl
     folder) with the record's own model config and test size. The re-evaluation must give the record's metrics
     (within ``tolerance`` AP: evaluation is deterministic), else nothing is written; the record says it was
     backfilled. Returns the updated record, or None when it already had one or is not finished."""
-    import dataclasses
     import json
 
     import onestage
     from onestage.config import TrainConfig
+    from onestage.engine.checkpoint import config_from_dict
     from onestage.data import dataset_for_config
     from onestage.engine.evaluate import evaluate
     from onestage.experiments.records import read_record, write_json_atomic
@@ -240,9 +240,7 @@ def backfill_errors(record_path, run_dir, data: str = "synthetic", tolerance: fl
     if rec is None or rec.get("status") != "finished" or rec.get("errors"):
         return None
     cfg = rec["config"]
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    train_cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["train_cfg"].items()
-                               if k in names})
+    train_cfg = config_from_dict(TrainConfig, cfg["train_cfg"], ignore_unknown=True)
     val = dataset_for_config(rec.get("data", data), "val", train_cfg, train=False, model=cfg["model"])
     net = onestage.build_model(cfg["model"], preset=cfg["effective_preset"], num_classes=val.num_classes,
                                **cfg["overrides"])
