@@ -66,6 +66,11 @@ def recipe_for(model: str, data: str = "synthetic") -> Optional[ShippedRecipe]:
     return next((r for r in SHIPPED if r.model == model and r.data == base), None)
 
 
+def shipped_dir() -> Path:
+    """The checkout's ``data/checkpoints`` folder, where the shipped checkpoints and their cards live."""
+    return Path(__file__).resolve().parents[3] / "data" / "checkpoints"
+
+
 def shipped_checkpoint(model: str, data: str = "synthetic", directory: Optional[os.PathLike] = None) -> Path:
     """Where the shipped checkpoint of ``model`` on ``data`` lives (``directory`` defaults to the checkout's
     ``data/checkpoints``), whether or not it has been made yet; ValueError when no recipe ships one."""
@@ -73,9 +78,7 @@ def shipped_checkpoint(model: str, data: str = "synthetic", directory: Optional[
     if recipe is None:
         raise ValueError(f"no shipped checkpoint of {model!r} on {data!r}; shipped: "
                          + ", ".join(f"{r.model}@{r.data}" for r in SHIPPED))
-    if directory is None:
-        directory = Path(__file__).resolve().parents[3] / "data" / "checkpoints"
-    return Path(directory) / f"{recipe.name}.pt"
+    return Path(directory if directory is not None else shipped_dir()) / f"{recipe.name}.pt"
 
 
 def _machine() -> str:

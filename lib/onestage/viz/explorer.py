@@ -75,9 +75,9 @@ def find_checkpoints(directory: Optional[Path] = None, data: Optional[str] = "sy
     ``data/checkpoints``) by model name, sorted by name. ``data=None`` or ``preset=None`` match any; the key is then
     the file's stem so that two data sets of one model stay apart."""
     if directory is None:
-        import onestage
+        from onestage.engine.shipped import shipped_dir
 
-        directory = Path(onestage.__file__).resolve().parents[2] / "data" / "checkpoints"
+        directory = shipped_dir()
     found = {}
     for path in sorted(Path(directory).glob("*.pt")):
         parts = path.stem.rsplit("_", 2)  # model names may contain "_" (decoupled_solo); preset and data do not
