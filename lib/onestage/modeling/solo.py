@@ -67,6 +67,9 @@ __all__ = [
     "mask_branch_memory",
     "conv_gn_relu",
     "scaled_scale_ranges",
+    "prior_conv",
+    "gather_masks",
+    "finish_detections",
 ]
 
 #: SOLO's five levels (WXinlong/SOLO configs/solo/solo_r50_fpn_8gpu_1x.py, AdelaiDet MODEL.SOLOV2.*; paper §3.1
@@ -391,7 +394,7 @@ def conv_gn_relu(cin: int, cout: int, gn_groups: int) -> nn.Sequential:
     return nn.Sequential(conv, nn.GroupNorm(gn_groups, cout), nn.ReLU(inplace=True))
 
 
-def _prior_conv(cin: int, cout: int, kernel: int, prior_prob: float) -> nn.Conv2d:
+def prior_conv(cin: int, cout: int, kernel: int, prior_prob: float) -> nn.Conv2d:
     """Output conv N(0, 0.01) with the focal-loss prior bias −log((1−π)/π) (mmdet ``bias_init_with_prob(0.01)``)."""
     conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2)
     nn.init.normal_(conv.weight, std=0.01)
@@ -457,15 +460,15 @@ class SOLOHead(nn.Module):
         self.head, self.grid_numbers, self.num_classes = head, list(grid_numbers), num_classes
         self.cate_tower = nn.Sequential(*[conv_gn_relu(in_channels if i == 0 else channels, channels, gn_groups)
                                           for i in range(num_convs)])
-        self.cate_pred = _prior_conv(channels, num_classes, 3, prior_prob)
+        self.cate_pred = prior_conv(channels, num_classes, 3, prior_prob)
         if head == "vanilla":
             self.mask_tower = _CoordTower(in_channels, channels, num_convs, coord_conv, "xy", gn_groups)
-            self.mask_preds = nn.ModuleList(_prior_conv(channels, s * s, 1, prior_prob) for s in self.grid_numbers)
+            self.mask_preds = nn.ModuleList(prior_conv(channels, s * s, 1, prior_prob) for s in self.grid_numbers)
         else:
             self.mask_tower_x = _CoordTower(in_channels, channels, num_convs, coord_conv, "x", gn_groups)
             self.mask_tower_y = _CoordTower(in_channels, channels, num_convs, coord_conv, "y", gn_groups)
-            self.mask_preds_x = nn.ModuleList(_prior_conv(channels, s, 3, prior_prob) for s in self.grid_numbers)
-            self.mask_preds_y = nn.ModuleList(_prior_conv(channels, s, 3, prior_prob) for s in self.grid_numbers)
+            self.mask_preds_x = nn.ModuleList(prior_conv(channels, s, 3, prior_prob) for s in self.grid_numbers)
+            self.mask_preds_y = nn.ModuleList(prior_conv(channels, s, 3, prior_prob) for s in self.grid_numbers)
 
     @staticmethod
     def _up2(x: Tensor) -> Tensor:
@@ -787,7 +790,7 @@ class SOLO(nn.Module):
             if cells.numel() == 0:
                 continue
             probs = self.positive_mask_probs(head_out, lvl, cells)
-            gt = _gather_masks(all_masks, assigned.gt_inds[lvl], canvas_hw, out_hw)
+            gt = gather_masks(all_masks, assigned.gt_inds[lvl], canvas_hw, out_hw)
             dice.append(dice_loss(probs, gt, eps=2e-3))
         # every output stays in the graph with a zero gradient when a level has no positive (DDP needs all
         # parameters used); sums of the outputs are cheap next to the Dice terms
@@ -837,7 +840,7 @@ class SOLO(nn.Module):
                               for t in head_out.cate_logits])
             det = solo_inference(cate, self._mask_probs_fn(head_out, b, out_hw), cell_strides, canvas_hw,
                                  image_sizes[b], self.cfg)
-            results.append(_finish(det, levels, return_indices))
+            results.append(finish_detections(det, levels, return_indices))
         return results
 
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None):
@@ -865,7 +868,7 @@ def _resize(x: Tensor, out_hw) -> Tensor:
     return F.interpolate(x[None], size=tuple(out_hw), mode="bilinear", align_corners=False)[0]
 
 
-def _gather_masks(all_masks: Sequence[Tensor], gt_inds: Tensor, canvas_hw, out_hw) -> Tensor:
+def gather_masks(all_masks: Sequence[Tensor], gt_inds: Tensor, canvas_hw, out_hw) -> Tensor:
     """Mask targets of batch-flat object indices, downsampled to ``out_hw`` (each object resized once)."""
     counts = [m.shape[0] for m in all_masks]
     owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
@@ -878,7 +881,9 @@ def _gather_masks(all_masks: Sequence[Tensor], gt_inds: Tensor, canvas_hw, out_h
     return torch.stack(small)[inverse].to(gt_inds.device)
 
 
-def _finish(det: dict, levels: Tensor, return_indices: bool) -> dict:
+def finish_detections(det: dict, levels: Tensor, return_indices: bool) -> dict:
+    """The last step of SOLO-family inference: ``fpn_levels`` of each detection from its ``cells`` (index into the
+    cells flattened over all grids, ``levels`` = the level of each cell), both kept only with ``return_indices``."""
     cells = det.pop("cells")
     if return_indices:
         det["cells"] = cells

@@ -39,19 +39,19 @@ from onestage.modeling.solo import (
     PAPER_SCALE_RANGES,
     PAPER_STRIDES,
     GridTargets,
-    _finish,
     category_loss,
-    _gather_masks,
-    _prior_conv,
     cell_levels,
     conv_gn_relu,
     coord_features,
     dynamic_masks,
+    finish_detections,
+    gather_masks,
     grid_targets,
     level_features,
     matrix_nms,
     matrix_nms_decay,
     points_nms,
+    prior_conv,
     solo_inference,
 )
 from onestage.structures import normalize_and_pad
@@ -190,7 +190,7 @@ class SOLOv2InstanceHead(nn.Module):
         self.kernel_pred = nn.Conv2d(channels, num_kernels, 3, padding=1)
         nn.init.normal_(self.kernel_pred.weight, std=0.01)
         nn.init.constant_(self.kernel_pred.bias, 0.0)
-        self.cate_pred = _prior_conv(channels, num_classes, 3, prior_prob)
+        self.cate_pred = prior_conv(channels, num_classes, 3, prior_prob)
 
     def forward(self, feats: Sequence[Tensor]):
         cate, kernels = [], []
@@ -240,11 +240,7 @@ class MaskFeatureBranch(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. Dynamic masks
-# ---------------------------------------------------------------------------------------------------------------
-
-# ---------------------------------------------------------------------------------------------------------------
-# 5. The model
+# 4. The model (the dynamic masks themselves are onestage.modeling.solo.dynamic_masks, shared with the viz)
 # ---------------------------------------------------------------------------------------------------------------
 
 class SOLOv2(nn.Module):
@@ -314,7 +310,7 @@ class SOLOv2(nn.Module):
             owners = images.unique().tolist()
             groups = [(images == b).nonzero().squeeze(1) for b in owners]
             logits = torch.cat([dynamic_masks(kernels[sel], per_image[b]) for b, sel in zip(owners, groups)])
-            gt = _gather_masks(all_masks, assigned.gt_inds[lvl][torch.cat(groups)], canvas_hw, out_hw)
+            gt = gather_masks(all_masks, assigned.gt_inds[lvl][torch.cat(groups)], canvas_hw, out_hw)
             dice.append(dice_loss(logits.sigmoid(), gt, eps=2e-3))
         # keep the kernel and mask branches in the graph when nothing is positive (DDP needs every parameter)
         zero = (sum(k.sum() for k in head_out.kernels) + feats.sum()) * 0.0
@@ -344,7 +340,7 @@ class SOLOv2(nn.Module):
                 return dynamic_masks(kernels[cells], feat).sigmoid()
 
             det = solo_inference(cate, mask_probs, cell_strides, canvas_hw, image_sizes[b], self.cfg)
-            results.append(_finish(det, levels, return_indices))
+            results.append(finish_detections(det, levels, return_indices))
         return results
 
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None):
