@@ -127,9 +127,12 @@ def error_attribution(table: PaperTable, rows: list[dict], claims: list[dict]) -
     from onestage.analysis.errors import ERROR_TYPES
 
     by_name = {r["row"]: r for r in rows}
-    lines = []
+    lines, seen = [], set()
     for c in claims:
         iou = "segm" if _claim_metric_path(c).startswith("segm") else "bbox"
+        if (c["row_a"], c["row_b"], iou) in seen:  # two claims on one pair (AP and APs): one row
+            continue
+        seen.add((c["row_a"], c["row_b"], iou))
         a = by_name.get(c["row_a"], {}).get("error_breakdown", {}).get(iou, {})
         b = by_name.get(c["row_b"], {}).get("error_breakdown", {}).get(iou, {})
         seeds = sorted(set(a) & set(b))
