@@ -260,8 +260,6 @@ def execute_job(job: dict) -> dict:
 
     Returns a small summary ``{"row", "seed", "status", "error", "seconds"}`` for the progress bar and final table.
     """
-    import papermill
-
     t0 = time.perf_counter()
     rec_path = Path(job["record_path"])
     rec_path.parent.mkdir(parents=True, exist_ok=True)
