@@ -1,7 +1,6 @@
 """Benchmark smoke tests: every row and ratio is printed (speed itself is never asserted)."""
 import json
 
-import pytest
 import torch
 
 from onestage.cli import main

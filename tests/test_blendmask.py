@@ -233,8 +233,7 @@ def test_top_layer_and_basis_shapes_and_params():
     images = [torch.rand(3, 96, 128)]
     model.eval()
     with torch.no_grad():
-        feats = model.named_features(model.preprocess(images)[0])
-        bases, sem = model.basis_module(feats)
+        bases, sem = model.basis_module(model.forward_parts(images).features)
     assert bases.shape == (1, 4, 96 // 4, 128 // 4) and sem is None
 
 

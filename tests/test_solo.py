@@ -412,9 +412,8 @@ def test_solov2_mask_feature_is_at_stride_4_with_coords_on_p5():
     model = SOLOv2(SOLOv2Config.preset("smoke"), num_classes=7).eval()
     assert model.mask_branch.levels[3][0][0].in_channels == 32 + 2
     assert model.mask_branch.levels[0][0][0].in_channels == 32
-    batch, _ = model.preprocess([torch.rand(3, 96, 128)])
     with torch.no_grad():
-        out = model.heads(batch)
+        out = model.forward_parts([torch.rand(3, 96, 128)]).head
     assert out.mask_features.shape == (1, 16, 24, 32)
     assert [tuple(k.shape) for k in out.kernels] == [(1, 16, s, s) for s in GRIDS]
     assert SOLOv2(dataclasses.replace(SOLOv2Config.preset("smoke"), coord_conv=0)).mask_branch.levels[3][0][0] \
@@ -446,10 +445,9 @@ def test_checkpoint_round_trip_rebuilds_the_model(name, build):
     ckpt = make_checkpoint(model)
     again = model_from_checkpoint(ckpt)
     assert type(again) is type(model) and again.cfg == model.cfg
-    batch, _ = model.preprocess([torch.rand(3, 64, 64)])
+    image = torch.rand(3, 64, 64)
     with torch.no_grad():
-        a = model.heads(batch) if name == "solov2" else model.head(model.features(batch))
-        b = again.heads(batch) if name == "solov2" else again.head(again.features(batch))
+        a, b = model.forward_parts([image]).head, again.forward_parts([image]).head
     assert torch.equal(a.cate_logits[0], b.cate_logits[0])
 
 

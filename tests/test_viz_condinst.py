@@ -82,10 +82,7 @@ def test_trace_reproduces_the_models_own_head(model, images):
     image = images[0]
     with torch.no_grad():
         pred = model([image])[0]
-        batch, sizes = model.preprocess([image])
-        feats = model.features(batch)
-        head_out = model.head(feats)
-        mask_feats = model.mask_branch([feats[i] for i in model.mask_in_indices])
+        mask_feats = model.forward_parts([image]).mask_inputs["mask_feats"]
     assert len(pred["boxes"]) == 8
     for k in (0, 5):
         t = condinst_trace(model, image, k)

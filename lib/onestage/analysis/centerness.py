@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from onestage.modeling.fcos import (FCOSHeadOutputs, centerness_target, compute_locations, postprocess,
+from onestage.modeling.fcos import (FCOSHeadOutputs, centerness_target, postprocess,
                                     postprocess_kwargs)
 from onestage.viz._model import model_device
 
@@ -111,20 +111,18 @@ def head_outputs(model, image: Tensor):
     """Run ``model``'s backbone and head on one ``3×H×W`` image (RGB 0..1), as ``FCOS.forward`` does.
 
     Returns ``(head_out, locations, (H, W))`` (batch of one, on the CPU)."""
-    if getattr(model, "head", None) is None or not hasattr(model, "preprocess"):
-        raise TypeError(f"{type(model).__name__} is not an FCOS-style model (no .head / .preprocess)")
+    if getattr(model, "head", None) is None or not hasattr(model, "forward_parts"):
+        raise TypeError(f"{type(model).__name__} is not an FCOS-style model (no .head / .forward_parts)")
     was_training = model.training
     model.eval()
     try:
-        batch, sizes = model.preprocess([image.to(model_device(model))])
-        feats = model.features(batch)
-        out = model.head(feats)
-        locations = [loc.cpu() for loc in compute_locations(feats, model.strides)]
+        parts = model.forward_parts([image.to(model_device(model))])
     finally:
         model.train(was_training)
     cpu = lambda xs: None if xs is None else [x.float().cpu() for x in xs]  # noqa: E731
+    out = parts.head
     out = FCOSHeadOutputs(cpu(out.logits), cpu(out.bbox_reg), cpu(out.ctrness), [])
-    return out, locations, tuple(int(v) for v in sizes[0])
+    return out, [loc.cpu() for loc in parts.locations], tuple(int(v) for v in parts.image_sizes[0])
 
 
 def rerank_candidates(head_out: FCOSHeadOutputs, locations: Sequence[Tensor], strides: Sequence[int],

@@ -28,14 +28,6 @@ from onestage.modeling.solov2 import SOLOv2, dynamic_masks
 __all__ = ["positive_cell_diagnostics", "class_agnostic_ap"]
 
 
-def _head_outputs(model, batch: Tensor):
-    if isinstance(model, SOLOv2):
-        return model.heads(batch)
-    if isinstance(model, SOLO):
-        return model.head(model.features(batch))
-    raise TypeError(f"positive_cell_diagnostics needs a SOLO or SOLOv2 model, got {type(model).__name__}")
-
-
 def _cell_mask_probs(model, head_out, lvl: int, cells: Tensor) -> Tensor:
     """Mask probabilities of one image's cells ``k`` (batch of one) at the model's mask resolution for that level."""
     if isinstance(model, SOLOv2):
@@ -67,6 +59,8 @@ def positive_cell_diagnostics(model, dataset, max_images: Optional[int] = 40, ma
     the level's feature map on the last image: where that map is coarser than the grid (a small input on P4–P6),
     neighbouring cells see interpolated copies of one feature pixel. The model's train/eval mode is restored.
     """
+    if not isinstance(model, (SOLO, SOLOv2)):
+        raise TypeError(f"positive_cell_diagnostics needs a SOLO or SOLOv2 model, got {type(model).__name__}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -76,9 +70,8 @@ def positive_cell_diagnostics(model, dataset, max_images: Optional[int] = 40, ma
     try:
         for i in range(n):
             image, target = dataset[i]
-            batch, _ = model.preprocess([image.to(device)])
-            canvas = batch.shape[-2:]
-            head_out = _head_outputs(model, batch)
+            parts = model.forward_parts([image.to(device)])
+            canvas, head_out = parts.canvas_hw, parts.head
             feature_hw = {lvl: [-(-int(canvas[0]) // st), -(-int(canvas[1]) // st)]
                           for lvl, st in enumerate(model.strides)}  # the level's input to the grid resize
             assigned = model.assign([target], canvas)

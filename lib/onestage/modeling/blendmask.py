@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align, roi_pool
 
 from onestage.modeling.backbone import level_stride
-from onestage.modeling.fcos import FCOS, FCOSConfig, compute_locations, flatten_levels
+from onestage.modeling.fcos import FCOS, FCOSConfig, flatten_levels
+from onestage.modeling.parts import ForwardParts
 from onestage.ops.blender import INTERPOLATIONS, blend, fcis_attention
 
 __all__ = [
@@ -338,9 +339,6 @@ class BlendMask(FCOS):
             nn.init.constant_(self.top_layer.bias, 0)
 
     # --- pieces, public so notebooks and tests can look inside ---
-    def named_features(self, batch: Tensor) -> dict:
-        return dict(zip(self.cfg.in_features, self.features(batch)))
-
     def top_attentions(self, bbox_towers: Sequence[Tensor]) -> Optional[Tensor]:
         """``B×L×(K·M·M)`` attentions for all locations (``flatten_levels`` order), or ``None`` for FCIS."""
         if self.top_layer is None:
@@ -396,34 +394,41 @@ class BlendMask(FCOS):
         return losses
 
     # --- inference ---
-    def predict_masks(self, bases: Tensor, attns: Optional[Tensor], detections: List[dict],
-                      sizes: Sequence[tuple]) -> List[dict]:
-        """Blend each detection's attention with the bases pooled in its *predicted* box, sigmoid, paste."""
+    def detect(self, parts: ForwardParts, with_origin: bool = False) -> List[dict]:
+        """FCOS detections; each one's attention blended with the bases pooled in its *predicted* box, sigmoid,
+        pasted into the image. ``with_origin`` keeps ``location_inds``, ``fpn_levels``, ``locations`` and adds
+        ``attentions`` (``N×K×M×M``, FCIS's fixed one-hot ones for ``blender="fcis"``)."""
         c = self.cfg
+        bases, attns = parts.mask_inputs["bases"], parts.mask_inputs["attentions"]
         out = []
-        for i, (det, (h, w)) in enumerate(zip(detections, sizes)):
+        for i, det in enumerate(self.postprocess(parts.head, parts.locations, parts.image_sizes, return_indices=True)):
+            h, w = parts.image_sizes[i]
             boxes = det["boxes"]
             flat = attns[i][det["location_inds"]] if attns is not None else None
             rois = pool_bases(bases[i: i + 1], [boxes], c.bottom_resolution, c.basis_stride, c.bottom_pooler)
-            probs = self.blend(rois, self.attention_maps(flat, len(boxes), rois)).sigmoid()
-            det = {k: v for k, v in det.items() if k not in ("location_inds", "fpn_levels", "locations")}
+            attn_maps = self.attention_maps(flat, len(boxes), rois)
+            probs = self.blend(rois, attn_maps).sigmoid()
+            if with_origin:
+                det["attentions"] = attn_maps
+            else:
+                det = {k: v for k, v in det.items() if k not in ("location_inds", "fpn_levels", "locations")}
             det["masks"] = paste_masks(probs, boxes, h, w, c.mask_thresh)
             out.append(det)
         return out
 
-    def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None):
-        if self.training and targets is None:
-            raise ValueError("BlendMask needs targets in training mode")
-        batch, sizes = self.preprocess(images)
-        feats = self.named_features(batch)
-        feat_list = [feats[n] for n in self.cfg.in_features]
-        head_out = self.head(feat_list)
-        locations = compute_locations(feat_list, self.strides)
-        bases, sem_logits = self.basis_module(feats)
-        attns = self.top_attentions(head_out.bbox_towers)
-        if self.training:
-            losses, extras = self.losses(head_out, locations, targets, return_extras=True)
-            losses.update(self.mask_losses(bases, sem_logits, attns, extras, targets, tuple(batch.shape[-2:])))
-            return losses
-        detections = self.postprocess(head_out, locations, sizes, return_indices=True)
-        return self.predict_masks(bases, attns, detections, sizes)
+    def forward_parts(self, images: Sequence[Tensor]) -> ForwardParts:
+        """FCOS's parts, and the mask inputs: ``bases`` (``B×K×h×w`` at ``basis_stride``), ``sem_logits`` (the
+        auxiliary semantic head's, ``None`` without it) and ``attentions`` (``B×L×(K·M·M)`` at every location,
+        ``flatten_levels`` order; ``None`` for FCIS)."""
+        parts = super().forward_parts(images)
+        bases, sem_logits = self.basis_module(parts.features)
+        parts.mask_inputs = {"bases": bases, "sem_logits": sem_logits,
+                             "attentions": self.top_attentions(parts.head.bbox_towers)}
+        return parts
+
+    def losses_from_parts(self, parts: ForwardParts, targets: Sequence[dict]) -> dict:
+        losses, extras = self.losses(parts.head, parts.locations, targets, return_extras=True)
+        m = parts.mask_inputs
+        losses.update(self.mask_losses(m["bases"], m["sem_logits"], m["attentions"], extras, targets,
+                                       parts.canvas_hw))
+        return losses

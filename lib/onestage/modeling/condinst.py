@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from onestage.modeling.backbone import level_stride
-from onestage.modeling.fcos import FCOS, FCOSConfig, FCOSHeadOutputs, compute_locations, flatten_levels
+from onestage.modeling.fcos import FCOS, FCOSConfig, FCOSHeadOutputs, flatten_levels
 from onestage.modeling.losses import dice_loss
+from onestage.modeling.parts import ForwardParts
 from onestage.ops.dynamic_mask_head import COORD_MODES, dynamic_mask_head, num_dynamic_params
 from onestage.structures import mask_centers, mask_nms as greedy_mask_nms
 
@@ -272,29 +273,32 @@ class CondInst(FCOS):
         return torch.cat(out) if out else torch.zeros(0, h, w, device=device)
 
     # -- inference ----------------------------------------------------------------------------------------------
-    def detections_with_masks(self, head_out: FCOSHeadOutputs, locations: Sequence[Tensor], mask_feats: Tensor,
-                              image_sizes: Sequence[tuple], padded_size: tuple) -> List[dict]:
+    def detect(self, parts: ForwardParts, with_origin: bool = False) -> List[dict]:
+        """FCOS detections (box NMS, §2.4) → each one's dynamic head on F_mask → masks at the input size. With
+        ``mask_nms`` no box NMS: every candidate gets a mask, then NMS on the masks (§3.5). ``with_origin`` keeps
+        ``location_inds``, ``fpn_levels``, ``locations`` and adds ``params`` (``N×P``, the detection's head)."""
         c = self.cfg
-        params = self.controller_params(head_out)
+        head_out, locations, image_sizes = parts.head, parts.locations, parts.image_sizes
+        mask_feats, params = parts.mask_inputs["mask_feats"], parts.mask_inputs["params"]
         if c.mask_nms:
-            # §3.5: no box NMS — every candidate above the score threshold gets a mask, then NMS on the masks.
             dets = self._candidates(head_out, locations, image_sizes)
         else:
             dets = self.postprocess(head_out, locations, image_sizes, return_indices=True)
         results = []
         for i, det in enumerate(dets):
-            inds = det.pop("location_inds")
-            levels = det.pop("fpn_levels")
-            points = det.pop("locations")
-            im_inds = torch.full_like(inds, i)
-            logits = self.mask_logits(mask_feats, params[i][inds], im_inds, points, levels)
+            inds, levels, points = det["location_inds"], det["fpn_levels"], det["locations"]
+            det["params"] = params[i][inds]
+            logits = self.mask_logits(mask_feats, det["params"], torch.full_like(inds, i), points, levels)
             probs = logits.sigmoid()
             if c.mask_nms:
                 keep = greedy_mask_nms(probs > c.mask_threshold, det["scores"], det["labels"], c.mask_nms_thresh)
                 keep = keep[: c.detections_per_img]
                 det = {k: v[keep] for k, v in det.items()}
                 probs = probs[keep]
-            det["masks"] = self._paste(probs, image_sizes[i], padded_size)
+            det["masks"] = self.paste_masks(probs, image_sizes[i], parts.canvas_hw)
+            if not with_origin:
+                for k in ("location_inds", "fpn_levels", "locations", "params"):
+                    det.pop(k)
             results.append(det)
         return results
 
@@ -305,7 +309,7 @@ class CondInst(FCOS):
         return postprocess(head_out, locations, self.strides, image_sizes, **postprocess_kwargs(
             self.cfg, nms_thresh=1.0, detections_per_img=self.cfg.mask_nms_max_candidates, return_indices=True))
 
-    def _paste(self, probs: Tensor, image_size: tuple, padded_size: tuple) -> Tensor:
+    def paste_masks(self, probs: Tensor, image_size: tuple, padded_size: tuple) -> Tensor:
         """Probabilities at the output stride → boolean masks at the input size: aligned upsampling to stride 1 of the
         padded batch, crop to the image (AdelaiDet inference, ``postprocess`` in
         ``adet/modeling/condinst/condinst.py``)."""
@@ -316,22 +320,21 @@ class CondInst(FCOS):
         return full > self.cfg.mask_threshold
 
     # -- forward ------------------------------------------------------------------------------------------------
-    def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None):
-        if self.training and targets is None:
-            raise ValueError("CondInst needs targets in training mode")
-        batch, sizes = self.preprocess(images)
-        feats = self.features(batch)
-        head_out = self.head(feats)
-        locations = compute_locations(feats, self.strides)
-        mask_feats = self.mask_branch([feats[i] for i in self.mask_in_indices])
-        padded = tuple(batch.shape[-2:])
-        if self.training:
-            # center sampling around each instance's mask centre of mass, not its box centre (AdelaiDet passes the
-            # masks to FCOS's get_sample_region, which then uses their centroids)
-            targets = [{**t, "centers": mask_centers(t["masks"], t["boxes"])} if "centers" not in t else t
-                       for t in targets]
-            losses, extras = self.losses(head_out, locations, targets, return_extras=True)
-            params = self.controller_params(head_out)
-            losses["loss_mask"] = self.mask_loss(mask_feats, params, extras, locations, targets, padded)
-            return losses
-        return self.detections_with_masks(head_out, locations, mask_feats, sizes, padded)
+    def forward_parts(self, images: Sequence[Tensor]) -> ForwardParts:
+        """FCOS's parts, and the mask inputs: ``mask_feats`` (F_mask, ``B×Cmask×h×w`` at the mask branch's stride)
+        and ``params`` (``B×L×P``, the controller's dynamic head at every location)."""
+        parts = super().forward_parts(images)
+        feats = parts.feature_list
+        parts.mask_inputs = {"mask_feats": self.mask_branch([feats[i] for i in self.mask_in_indices]),
+                             "params": self.controller_params(parts.head)}
+        return parts
+
+    def losses_from_parts(self, parts: ForwardParts, targets: Sequence[dict]) -> dict:
+        # center sampling around each instance's mask centre of mass, not its box centre (AdelaiDet passes the
+        # masks to FCOS's get_sample_region, which then uses their centroids)
+        targets = [{**t, "centers": mask_centers(t["masks"], t["boxes"])} if "centers" not in t else t
+                   for t in targets]
+        losses, extras = self.losses(parts.head, parts.locations, targets, return_extras=True)
+        losses["loss_mask"] = self.mask_loss(parts.mask_inputs["mask_feats"], parts.mask_inputs["params"], extras,
+                                             parts.locations, targets, parts.canvas_hw)
+        return losses

@@ -30,6 +30,7 @@ from torchvision.ops import batched_nms
 import onestage.ops
 from onestage.modeling.backbone import EFFICIENTNET_LITE0_WHEEL, build_backbone, level_stride
 from onestage.modeling.losses import iou_loss_ltrb
+from onestage.modeling.parts import ForwardParts
 from onestage.structures import normalize_and_pad
 
 __all__ = [
@@ -613,14 +614,34 @@ class FCOS(nn.Module):
         return postprocess(head_out, locations, self.strides, image_sizes,
                            **postprocess_kwargs(self.cfg, return_indices=return_indices))
 
+    # -- one forward pass, in parts (onestage.modeling.parts) -------------------------------------------------
+    def forward_parts(self, images: Sequence[Tensor]) -> ForwardParts:
+        """Preprocess, backbone + FPN, head, locations: everything ``forward`` computes before losses or inference."""
+        batch, sizes = self.preprocess(images)
+        named = dict(self.backbone(batch))
+        feats = list(named.values())
+        return ForwardParts(batch, [tuple(s) for s in sizes], named, self.head(feats),
+                            compute_locations(feats, self.strides))
+
+    def losses_from_parts(self, parts: ForwardParts, targets: Sequence[dict]) -> dict:
+        return self.losses(parts.head, parts.locations, targets)
+
+    def detect(self, parts: ForwardParts, with_origin: bool = False) -> List[dict]:
+        """The detections of ``model(images)`` in eval mode; ``with_origin`` adds ``location_inds``, ``fpn_levels``
+        and ``locations`` per detection (see :func:`postprocess`)."""
+        return self.postprocess(parts.head, parts.locations, parts.image_sizes, return_indices=with_origin)
+
+    def candidates(self, parts: ForwardParts) -> List[dict]:
+        """Per image, the boxes inference ranks before NMS — score threshold and per-level top-k as in
+        :func:`postprocess`, no suppression — best first, with their origin keys."""
+        most = self.cfg.pre_nms_topk * len(self.strides)
+        return postprocess(parts.head, parts.locations, self.strides, parts.image_sizes, **postprocess_kwargs(
+            self.cfg, nms_thresh=1.0, detections_per_img=most, return_indices=True))
+
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None):
         if self.training and targets is None:
-            raise ValueError("FCOS needs targets in training mode")
-        batch, sizes = self.preprocess(images)
-        feats = self.features(batch)
-        head_out = self.head(feats)
-        locations = compute_locations(feats, self.strides)
+            raise ValueError(f"{type(self).__name__} needs targets in training mode")
+        parts = self.forward_parts(images)
         if self.training:
-            return self.losses(head_out, locations, targets)
-        return self.postprocess(head_out, locations, sizes)
-
+            return self.losses_from_parts(parts, targets)
+        return self.detect(parts)

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 # The focal loss lives with its kernel (onestage.ops.focal_loss), as every op's reference does; this is that reference.

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 import onestage.ops
 from onestage.modeling.backbone import EFFICIENTNET_LITE0_WHEEL, build_backbone
 from onestage.modeling.losses import dice_loss
+from onestage.modeling.parts import ForwardParts
 from onestage.structures import mask_nms, masks_to_boxes, normalize_and_pad
 
 __all__ = [
@@ -63,6 +64,9 @@ __all__ = [
     "matrix_nms_decay",
     "dynamic_masks",
     "solo_inference",
+    "cate_scores",
+    "cell_candidates",
+    "ranked_candidates",
     "mask_branch_output_shapes",
     "mask_branch_memory",
     "conv_gn_relu",
@@ -624,6 +628,25 @@ def points_nms(heat: Tensor) -> Tensor:
     return heat * (hmax[..., :-1, :-1] == heat).to(heat.dtype)
 
 
+def cate_scores(cate_logits: Sequence[Tensor], image: int) -> Tensor:
+    """``K×C`` category probabilities of one image after :func:`points_nms`, the cells of all levels concatenated
+    (level by level, each row-major) — what SOLO-family inference ranks."""
+    num_classes = cate_logits[0].shape[1]
+    return torch.cat([points_nms(t[image: image + 1].sigmoid())[0].permute(1, 2, 0).reshape(-1, num_classes)
+                      for t in cate_logits])
+
+
+def cell_candidates(cate_scores: Tensor, score_thresh: float, max_candidates: int) -> tuple:
+    """``(cells, labels, scores)`` of the (cell, class) pairs with score > ``score_thresh``, at most
+    ``max_candidates`` of them (the best), in cell-major order: the first step of :func:`solo_inference`."""
+    num_classes = cate_scores.shape[1]
+    flat = cate_scores.reshape(-1)
+    cand = (flat > score_thresh).nonzero().squeeze(1)
+    if cand.numel() > max_candidates:
+        cand = cand[flat[cand].topk(max_candidates).indices]
+    return cand // num_classes, cand % num_classes, flat[cand]
+
+
 def solo_inference(cate_scores: Tensor, mask_probs_fn: Callable[[Tensor], Tensor], cell_strides: Tensor,
                    canvas_hw: Sequence[int], image_hw: Sequence[int], cfg) -> dict:
     """One image's detections from its category scores and a mask generator.
@@ -646,7 +669,6 @@ def solo_inference(cate_scores: Tensor, mask_probs_fn: Callable[[Tensor], Tensor
     """
     h, w = int(image_hw[0]), int(image_hw[1])
     device = cate_scores.device
-    num_classes = cate_scores.shape[1]
 
     def empty():
         return {"boxes": torch.zeros(0, 4, device=device), "scores": torch.zeros(0, device=device),
@@ -654,14 +676,9 @@ def solo_inference(cate_scores: Tensor, mask_probs_fn: Callable[[Tensor], Tensor
                 "masks": torch.zeros(0, h, w, dtype=torch.bool, device=device),
                 "cells": torch.zeros(0, dtype=torch.long, device=device)}
 
-    flat = cate_scores.reshape(-1)
-    cand = (flat > cfg.score_thresh).nonzero().squeeze(1)
-    if cand.numel() > cfg.max_candidates:
-        cand = cand[flat[cand].topk(cfg.max_candidates).indices]
-    if cand.numel() == 0:
+    cells, labels, scores = cell_candidates(cate_scores, cfg.score_thresh, cfg.max_candidates)
+    if cells.numel() == 0:
         return empty()
-    scores = flat[cand]
-    cells, labels = cand // num_classes, cand % num_classes
     probs = mask_probs_fn(cells)
     binary = probs > cfg.mask_thresh
     areas = binary.flatten(1).sum(1).float()
@@ -836,23 +853,48 @@ class SOLO(nn.Module):
         out_hw = (int(canvas_hw[0]) // 4, int(canvas_hw[1]) // 4)
         results = []
         for b in range(head_out.cate_logits[0].shape[0]):
-            cate = torch.cat([points_nms(t[b : b + 1].sigmoid())[0].permute(1, 2, 0).reshape(-1, self.num_classes)
-                              for t in head_out.cate_logits])
-            det = solo_inference(cate, self._mask_probs_fn(head_out, b, out_hw), cell_strides, canvas_hw,
-                                 image_sizes[b], self.cfg)
+            det = solo_inference(cate_scores(head_out.cate_logits, b), self._mask_probs_fn(head_out, b, out_hw),
+                                 cell_strides, canvas_hw, image_sizes[b], self.cfg)
             results.append(finish_detections(det, levels, return_indices))
         return results
+
+    # -- one forward pass, in parts (onestage.modeling.parts) -------------------------------------------------
+    def forward_parts(self, images: Sequence[Tensor], dense_masks: bool = False) -> ForwardParts:
+        """Preprocess, backbone + FPN (``features``: P2..P6 as built), the head on the level features. The vanilla
+        head computes its S² mask channels only where they are read (``dense_masks=False``, see
+        :meth:`SOLOHead.forward`); ``dense_masks=True`` computes them all (``head.mask_logits``)."""
+        batch, sizes = self.preprocess(images)
+        pyramid = dict(self.backbone(batch))
+        head_out = self.head(level_features(list(pyramid.values()), self.cfg.multi_level), dense_masks=dense_masks)
+        return ForwardParts(batch, [tuple(s) for s in sizes], pyramid, head_out)
+
+    def losses_from_parts(self, parts: ForwardParts, targets: Sequence[dict]) -> dict:
+        return self.losses(parts.head, targets, parts.canvas_hw)
+
+    def detect(self, parts: ForwardParts, with_origin: bool = False) -> List[dict]:
+        """The detections of ``model(images)`` in eval mode; ``with_origin`` adds ``cells`` and ``fpn_levels``."""
+        return self.postprocess(parts.head, parts.image_sizes, parts.canvas_hw, return_indices=with_origin)
+
+    def candidates(self, parts: ForwardParts) -> List[dict]:
+        """Per image, the (cell, class) pairs inference starts from — after point NMS, score > ``score_thresh``, at
+        most ``max_candidates`` — best first: ``cells``, ``fpn_levels``, ``labels``, ``scores`` (category)."""
+        return [ranked_candidates(cate_scores(parts.head.cate_logits, b), self.grid_numbers, self.cfg)
+                for b in range(parts.batch.shape[0])]
+
+    def cell_mask_probs(self, parts: ForwardParts, image: int, cells: Tensor) -> Tensor:
+        """Mask probabilities ``N×h×w`` at stride 4 of the canvas of ``cells`` (index over all levels' cells) of image
+        ``image``: σ of the cell's channel (vanilla), σ(y_i)·σ(x_j) (decoupled), resized to stride 4."""
+        h, w = parts.canvas_hw
+        return self._mask_probs_fn(parts.head, image, (h // 4, w // 4))(cells)
 
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None):
         if self.training and targets is None:
             raise ValueError(f"{type(self).__name__} needs targets in training mode")
-        batch, sizes = self.preprocess(images)
         # only the mask channels the loss or the candidates read are computed (``cell_mask_logits``)
-        head_out = self.head(self.features(batch), dense_masks=False)
-        canvas = batch.shape[-2:]
+        parts = self.forward_parts(images)
         if self.training:
-            return self.losses(head_out, targets, canvas)
-        return self.postprocess(head_out, sizes, canvas)
+            return self.losses_from_parts(parts, targets)
+        return self.detect(parts)
 
 
 class DecoupledSOLO(SOLO):
@@ -890,3 +932,11 @@ def finish_detections(det: dict, levels: Tensor, return_indices: bool) -> dict:
         det["fpn_levels"] = levels[cells]
     return det
 
+
+def ranked_candidates(scores: Tensor, grid_numbers: Sequence[int], cfg) -> dict:
+    """:func:`cell_candidates` of one image, best first, with each cell's level (``candidates`` of the family)."""
+    cells, labels, values = cell_candidates(scores, cfg.score_thresh, cfg.max_candidates)
+    order = values.argsort(descending=True)
+    levels, _, _ = cell_levels(grid_numbers, scores.device)
+    cells = cells[order]
+    return {"cells": cells, "fpn_levels": levels[cells], "labels": labels[order], "scores": values[order]}

@@ -34,11 +34,13 @@ from torch import Tensor, nn
 
 from onestage.modeling.backbone import EFFICIENTNET_LITE0_WHEEL, build_backbone
 from onestage.modeling.losses import dice_loss
+from onestage.modeling.parts import ForwardParts
 from onestage.modeling.solo import (
     PAPER_GRIDS,
     PAPER_SCALE_RANGES,
     PAPER_STRIDES,
     GridTargets,
+    cate_scores,
     category_loss,
     cell_levels,
     conv_gn_relu,
@@ -50,8 +52,8 @@ from onestage.modeling.solo import (
     level_features,
     matrix_nms,
     matrix_nms_decay,
-    points_nms,
     prior_conv,
+    ranked_candidates,
     solo_inference,
 )
 from onestage.structures import normalize_and_pad
@@ -271,12 +273,6 @@ class SOLOv2(nn.Module):
     def preprocess(self, images: Sequence[Tensor]):
         return normalize_and_pad(images, self.pixel_mean, self.pixel_std, self.cfg.size_divisibility)
 
-    def heads(self, batch: Tensor) -> SOLOv2HeadOutputs:
-        """Backbone → instance branch on P2..P6 (resized to strides 8/8/16/32/32) and mask branch on P2..P5."""
-        pyramid = list(self.backbone(batch).values())
-        cate, kernels = self.head(level_features(pyramid))
-        return SOLOv2HeadOutputs(cate, kernels, self.mask_branch(pyramid[:4]))
-
     def assign(self, targets: Sequence[dict], canvas_hw: Sequence[int]) -> GridTargets:
         c = self.cfg
         return grid_targets(targets, canvas_hw, self.num_classes, self.grid_numbers, self.scale_ranges, c.sigma,
@@ -331,25 +327,58 @@ class SOLOv2(nn.Module):
         cell_strides = torch.tensor(self.strides, device=device)[levels]
         results = []
         for b in range(head_out.mask_features.shape[0]):
-            cate = torch.cat([points_nms(t[b : b + 1].sigmoid())[0].permute(1, 2, 0).reshape(-1, self.num_classes)
-                              for t in head_out.cate_logits])
-            kernels = torch.cat([k[b].permute(1, 2, 0).reshape(-1, k.shape[1]) for k in head_out.kernels])
+            kernels = self.flat_kernels(head_out, b)
             feat = head_out.mask_features[b]
 
             def mask_probs(cells: Tensor, kernels=kernels, feat=feat) -> Tensor:
                 return dynamic_masks(kernels[cells], feat).sigmoid()
 
-            det = solo_inference(cate, mask_probs, cell_strides, canvas_hw, image_sizes[b], self.cfg)
-            results.append(finish_detections(det, levels, return_indices))
+            det = solo_inference(cate_scores(head_out.cate_logits, b), mask_probs, cell_strides, canvas_hw,
+                                 image_sizes[b], self.cfg)
+            det = finish_detections(det, levels, return_indices)
+            if return_indices:
+                det["kernels"] = kernels[det["cells"]]
+            results.append(det)
         return results
+
+    @staticmethod
+    def flat_kernels(head_out: SOLOv2HeadOutputs, image: int) -> Tensor:
+        """``K×E``: the kernel of every cell of image ``image``, all levels concatenated (the order of ``cells``)."""
+        return torch.cat([k[image].permute(1, 2, 0).reshape(-1, k.shape[1]) for k in head_out.kernels])
+
+    # -- one forward pass, in parts (onestage.modeling.parts) -------------------------------------------------
+    def forward_parts(self, images: Sequence[Tensor]) -> ForwardParts:
+        """Preprocess, backbone + FPN (``features``: P2..P6), the instance branch on P2..P6 (resized to strides
+        8/8/16/32/32) and the mask branch on P2..P5: ``mask_inputs["mask_features"]`` is F (also in ``head``)."""
+        batch, sizes = self.preprocess(images)
+        pyramid = dict(self.backbone(batch))
+        levels = list(pyramid.values())
+        cate, kernels = self.head(level_features(levels))
+        head_out = SOLOv2HeadOutputs(cate, kernels, self.mask_branch(levels[:4]))
+        return ForwardParts(batch, [tuple(s) for s in sizes], pyramid, head_out,
+                            mask_inputs={"mask_features": head_out.mask_features})
+
+    def losses_from_parts(self, parts: ForwardParts, targets: Sequence[dict]) -> dict:
+        return self.losses(parts.head, targets, parts.canvas_hw)
+
+    def detect(self, parts: ForwardParts, with_origin: bool = False) -> List[dict]:
+        """The detections of ``model(images)`` in eval mode; ``with_origin`` adds ``cells``, ``fpn_levels`` and
+        ``kernels`` (``N×E``)."""
+        return self.postprocess(parts.head, parts.image_sizes, parts.canvas_hw, return_indices=with_origin)
+
+    def candidates(self, parts: ForwardParts) -> List[dict]:
+        """As :meth:`onestage.modeling.solo.SOLO.candidates`."""
+        return [ranked_candidates(cate_scores(parts.head.cate_logits, b), self.grid_numbers, self.cfg)
+                for b in range(parts.batch.shape[0])]
+
+    def cell_mask_probs(self, parts: ForwardParts, image: int, cells: Tensor) -> Tensor:
+        """Mask probabilities ``N×h×w`` at stride 4 of the canvas of ``cells`` of image ``image``: σ(G_cell ∗ F)."""
+        return dynamic_masks(self.flat_kernels(parts.head, image)[cells], parts.head.mask_features[image]).sigmoid()
 
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None):
         if self.training and targets is None:
             raise ValueError("SOLOv2 needs targets in training mode")
-        batch, sizes = self.preprocess(images)
-        head_out = self.heads(batch)
-        canvas = batch.shape[-2:]
+        parts = self.forward_parts(images)
         if self.training:
-            return self.losses(head_out, targets, canvas)
-        return self.postprocess(head_out, sizes, canvas)
-
+            return self.losses_from_parts(parts, targets)
+        return self.detect(parts)

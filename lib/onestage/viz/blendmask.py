@@ -23,9 +23,8 @@ from torch import Tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from onestage.modeling.blendmask import paste_masks, pool_bases
-from onestage.modeling.fcos import compute_locations
 from onestage.ops.blender import blend_reference, fcis_attention, interpolate_attention
-from onestage.viz._model import detections_for_display, model_device
+from onestage.viz._model import parts_for_display
 from onestage.viz.widgets import figure_explorer
 
 __all__ = [
@@ -82,30 +81,20 @@ class BlenderTrace:
         return self.attn.shape[-1]
 
 
-@torch.no_grad()
 def _forward_parts(model, image: Tensor):
-    """Bases, flat attentions and detections (with location indices) of one image, model in eval mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        batch, sizes = model.preprocess([image.to(model_device(model))])
-        feats = model.named_features(batch)
-        feat_list = [feats[n] for n in model.cfg.in_features]
-        head_out = model.head(feat_list)
-        locations = compute_locations(feat_list, model.strides)
-        bases, _ = model.basis_module(feats)
-        attns = model.top_attentions(head_out.bbox_towers)
-        det, note = detections_for_display(model, head_out, locations, sizes)
-    finally:
-        model.train(was_training)
-    return bases[0], (attns[0] if attns is not None else None), det, sizes[0], note
+    """Bases, flat attentions and detections (with location indices) of one image, from ``model.forward_parts`` and
+    ``model.detect(..., with_origin=True)``, the model in eval mode."""
+    parts, det, note = parts_for_display(model, image)
+    attns = parts.mask_inputs["attentions"]
+    det = {k: v for k, v in det.items() if k not in ("masks", "attentions")}
+    return parts.mask_inputs["bases"][0], (attns[0] if attns is not None else None), det, parts.image_sizes[0], note
 
 
 def blender_trace(model, image: Tensor, instance: int = 0, keep_bases: Optional[int] = None,
                   attn_size: Optional[int] = None, interpolation: Optional[str] = None, setting: str = "blender",
                   cache: Optional[dict] = None, key=None) -> BlenderTrace:
     """Run ``image`` through ``model`` (a ``BlendMask``) and blend detection number ``instance`` (by score,
-    wrapping around) step by step, as ``BlendMask.predict_masks`` does, with optional changes:
+    wrapping around) step by step, as ``BlendMask.detect`` does, with optional changes:
 
     * ``keep_bases`` — use only the first ``k`` bases (the softmax then runs over those ``k``);
     * ``attn_size`` — average-pool the predicted attention logits to ``attn_size×attn_size`` first (``1`` is the

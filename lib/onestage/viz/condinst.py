@@ -32,9 +32,8 @@ from torchvision.ops import box_area, box_iou, roi_align
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from onestage.modeling.condinst import aligned_bilinear, sample_gt_masks
-from onestage.modeling.fcos import compute_locations
 from onestage.ops.dynamic_mask_head import coordinate_maps, mask_head_input_channels, parse_dynamic_params
-from onestage.viz._model import detections_for_display, model_device
+from onestage.viz._model import parts_for_display
 from onestage.viz.widgets import figure_explorer
 
 __all__ = [
@@ -260,27 +259,14 @@ class CondInstTrace:
         return self.mask_stride // self.upsample_factor
 
 
-@torch.no_grad()
 def _forward_parts(model, image: Tensor) -> SimpleNamespace:
     """Fmask, the controller's parameters at every location and the detections (with their locations) of one
-    image, the model in eval mode — the tensors ``CondInst.detections_with_masks`` works from."""
-    was_training = model.training
-    model.eval()
-    try:
-        batch, sizes = model.preprocess([image.to(model_device(model))])
-        feats = model.features(batch)
-        head_out = model.head(feats)
-        locations = compute_locations(feats, model.strides)
-        mask_feats = model.mask_branch([feats[i] for i in model.mask_in_indices])
-        params = model.controller_params(head_out)
-        det, note = detections_for_display(model, head_out, locations, sizes)
-        if not note and getattr(model.cfg, "mask_nms", False):
-            note = "this model uses mask NMS (Table 5); the instances here are the box-NMS detections"
-    finally:
-        model.train(was_training)
-    cpu = {k: v.cpu() for k, v in det.items()}
-    return SimpleNamespace(mask_feats=mask_feats[0].float().cpu(), params=params[0].float().cpu(), det=cpu,
-                           size=tuple(int(v) for v in sizes[0]), note=note)
+    image — from ``model.forward_parts`` and ``model.detect(..., with_origin=True)``, the model in eval mode."""
+    parts, det, note = parts_for_display(model, image)
+    det = {k: v.cpu() for k, v in det.items() if k not in ("masks", "params")}
+    return SimpleNamespace(mask_feats=parts.mask_inputs["mask_feats"][0].float().cpu(),
+                           params=parts.mask_inputs["params"][0].float().cpu(), det=det,
+                           size=tuple(int(v) for v in parts.image_sizes[0]), note=note)
 
 
 def _parts(model, image, cache, key):
@@ -296,7 +282,7 @@ def condinst_trace(model, image: Tensor, instance: int = 0, rel_coords: bool = T
                    upsample_factor: Optional[int] = None, threshold: Optional[float] = None,
                    cache: Optional[dict] = None, key=None, coords_from: Optional[int] = None) -> CondInstTrace:
     """Run ``image`` through ``model`` (a ``CondInst``) and detection number ``instance`` (by score, wrapping
-    around) through its dynamic mask head step by step, as ``CondInst.detections_with_masks`` does:
+    around) through its dynamic mask head step by step, as ``CondInst.detect`` does:
 
     its parameters are the controller's output at the location that produced the detection, parsed into layers by
     ``parse_dynamic_params``; its input is ``Fmask`` with the coordinate channels of ``coordinate_maps`` in front
@@ -806,8 +792,8 @@ def mask_head_timing_markdown(result: dict, table) -> str:
         if ms is not None:
             paper.setdefault(setting, (row.name, ms))
     ref = result["maskrcnn_ms"]
-    lines = [f"| head (100 instances) | params | ours: ms | ours ÷ Mask R-CNN | paper (V100): ms "
-             f"| paper ÷ Mask R-CNN |", "|---|---|---|---|---|---|"]
+    lines = ["| head (100 instances) | params | ours: ms | ours ÷ Mask R-CNN | paper (V100): ms "
+             "| paper ÷ Mask R-CNN |", "|---|---|---|---|---|---|"]
     for r in result["condinst"]:
         name, ms = paper.get((r["depth"], r["width"], r["cmask"]), ("", None))
         label = f"CondInst depth {r['depth']}, width {r['width']}" + (f" (`{name}`)" if name else "")

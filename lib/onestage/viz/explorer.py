@@ -4,7 +4,7 @@ Every model of the suite predicts an instance from one place in a feature map, a
 
 * **FCOS** (Tian et al., ICCV 2019, §3.1–3.2): one *location* ``(x, y)`` of one FPN level regresses the distances
   ``l, t, r, b`` to the box sides (in units of the level's stride) and classifies; the score is
-  ``sqrt(cls · ctr)`` (§3.3). ``postprocess(..., return_indices=True)`` names the location of each detection.
+  ``sqrt(cls · ctr)`` (§3.3). ``model.detect(parts, with_origin=True)`` names the location of each detection.
 * **CondInst** (Tian, Shen, Chen, arXiv 2003.05664, §2.2): the same location's *controller* output is read as the
   weights of a small per-instance mask head (169 numbers at the defaults), which runs on the shared mask features
   with two relative-coordinate channels ``(location − pixel) / size of interest`` in front.
@@ -12,7 +12,7 @@ Every model of the suite predicts an instance from one place in a feature map, a
   attention that blends ``K`` whole-image *bases* cropped to the detection's box.
 * **SOLO / SOLOv2** (Wang et al., ECCV 2020 §3; NeurIPS 2020 §3.2): a *grid cell* ``(i, j)`` of an ``S×S`` grid
   over the image predicts the category and (SOLOv2) a dynamic kernel that, convolved with the mask features, gives
-  the mask. ``postprocess(..., return_indices=True)`` names the cell and level.
+  the mask. ``model.detect(parts, with_origin=True)`` names the cell and level.
 
 :func:`explain` runs a model once on one image and keeps those internals for all its detections;
 :func:`describe` turns one detection into numbers, :func:`plot_provenance` into panels, :func:`plot_comparison`
@@ -26,7 +26,6 @@ instead (as :mod:`onestage.viz.blendmask` does), with a note.
 """
 from __future__ import annotations
 
-import dataclasses
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from onestage.viz._model import BEST_CANDIDATES_NOTE, detections_for_display, model_device
+from onestage.modeling.solo import cell_levels
+from onestage.viz._model import parts_for_display
 from onestage.viz.draw import class_colors
 
 __all__ = [
@@ -200,66 +200,43 @@ def _cpu(d: dict) -> dict:
     return {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in d.items()}
 
 
-def _fcos_family_parts(model, image: Tensor, family: str):
-    """Head outputs, locations and detections with indices; a fallback to the best candidates when none pass."""
-    from onestage.modeling.fcos import compute_locations
-
-    batch, sizes = model.preprocess([image.to(model_device(model))])
-    if family == "blendmask":
-        named = model.named_features(batch)
-        feats = [named[n] for n in model.cfg.in_features]
-    else:
-        named, feats = None, model.features(batch)
-    head_out = model.head(feats)
-    locations = compute_locations(feats, model.strides)
-    det, note = detections_for_display(model, head_out, locations, sizes)
-    return batch, sizes, named, feats, head_out, locations, det, note
-
-
 @torch.no_grad()
 def explain(model, image: Tensor, class_names: Optional[Sequence[str]] = None) -> Explanation:
     """Run ``model`` on one ``3×H×W`` image (eval mode, restored after) and keep its detections with their origin.
 
-    The detections are the model's own (same post-processing and masks as ``model([image])``; CondInst with
-    ``mask_nms=True`` is shown with box NMS). Work done here once serves every detection's panels."""
+    The detections, masks included, are the model's own: ``model.detect(model.forward_parts([image]),
+    with_origin=True)`` (:mod:`onestage.modeling.parts`), the same as ``model([image])``. Work done here once serves
+    every detection's panels."""
     family = model_family(model)
     names = list(class_names or getattr(model, "class_names", None) or []) or None
-    was_training = model.training
-    model.eval()
-    try:
-        if family == "solo":
-            return _explain_solo(model, image, family, names)
-        batch, sizes, named, feats, head_out, locations, det, note = _fcos_family_parts(model, image, family)
-        h, w = sizes[0]
-        first = lambda maps: [m[0].detach().cpu() for m in maps] if maps is not None else None  # noqa: E731
-        parts = SimpleNamespace(logits=first(head_out.logits), bbox_reg=first(head_out.bbox_reg),
-                                ctrness=first(head_out.ctrness), strides=list(model.strides),
+    parts, det, note = parts_for_display(model, image)
+    h, w = parts.image_sizes[0]
+    head = parts.head
+    first = lambda maps: [m[0].detach().cpu() for m in maps] if maps is not None else None  # noqa: E731
+    if family == "solo":
+        _, within, _ = cell_levels(model.grid_numbers)
+        shown = SimpleNamespace(cate=first(head.cate_logits), canvas=parts.canvas_hw,
+                                grid_numbers=list(model.grid_numbers), strides=list(model.strides),
+                                level_names=[f"level {i} (S={s})" for i, s in enumerate(model.grid_numbers)],
+                                within=within, size=(h, w))
+        if "kernels" in det:  # SOLOv2: the dynamic kernel of each detection's cell, and the mask features
+            shown.kernels = det.pop("kernels").detach().cpu()
+            shown.mask_features = parts.mask_inputs["mask_features"][0].detach().cpu()
+        else:  # SOLO / Decoupled SOLO: the mask probabilities of the cell, at stride 4
+            shown.kernels = None
+            shown.cell_probs = model.cell_mask_probs(parts, 0, det["cells"]).detach().cpu()
+    else:
+        shown = SimpleNamespace(logits=first(head.logits), bbox_reg=first(head.bbox_reg),
+                                ctrness=first(head.ctrness), strides=list(model.strides),
                                 level_names=[f.upper() for f in model.cfg.in_features],
-                                level_offsets=_offsets([len(loc) for loc in locations]), size=(h, w))
+                                level_offsets=_offsets([len(loc) for loc in parts.locations]), size=(h, w))
         if family == "condinst":
-            from onestage.modeling.condinst import aligned_bilinear
-
-            mask_feats = model.mask_branch([feats[i] for i in model.mask_in_indices])
-            params = model.controller_params(head_out)[0][det["location_inds"]]
-            if len(params):
-                logits = model.mask_logits(mask_feats, params, torch.zeros_like(det["location_inds"]),
-                                           det["locations"], det["fpn_levels"])
-                # CondInst.detections_with_masks' pasting: aligned upsampling to stride 1, crop, threshold
-                full = aligned_bilinear(logits.sigmoid(), model.mask_out_stride)[:, :h, :w]
-                det["masks"] = full > model.cfg.mask_threshold
-            else:
-                det["masks"] = torch.zeros(0, h, w, dtype=torch.bool)
-            parts.mask_feats = mask_feats.detach().cpu()
-            parts.params = params.detach().cpu()
-            parts.level_soi = model.level_soi.detach().cpu()
-            parts.mask_stride = model.mask_branch.out_stride
-        elif family == "blendmask":
-            bases, _ = model.basis_module(named)
-            attns = model.top_attentions(head_out.bbox_towers)
-            det["masks"] = model.predict_masks(bases, attns, [dict(det)], sizes)[0]["masks"]
-        return Explanation(model, family, image.detach().cpu()[:, :h, :w], _cpu(det), parts, note, names)
-    finally:
-        model.train(was_training)
+            shown.mask_feats = parts.mask_inputs["mask_feats"].detach().cpu()
+            shown.params = det.pop("params").detach().cpu()
+            shown.level_soi = model.level_soi.detach().cpu()
+            shown.mask_stride = model.mask_branch.out_stride
+        det.pop("attentions", None)
+    return Explanation(model, family, image.detach().cpu()[:, :h, :w], _cpu(det), shown, note, names)
 
 
 def _offsets(sizes: Sequence[int]) -> List[int]:
@@ -267,40 +244,6 @@ def _offsets(sizes: Sequence[int]) -> List[int]:
     for n in sizes:
         out.append(out[-1] + n)
     return out
-
-
-def _explain_solo(model, image: Tensor, family: str, names) -> Explanation:
-    from onestage.modeling.solo import cell_levels
-    from onestage.viz.solo import model_outputs
-
-    out = model_outputs(model, image.to(model_device(model)))
-    note = ""
-    if len(out.detections["boxes"]) == 0:  # untrained: lower the thresholds for the best candidates
-        cfg = model.cfg
-        model.cfg = dataclasses.replace(cfg, score_thresh=0.0, update_thresh=0.0)
-        try:
-            out = model_outputs(model, image.to(model_device(model)))
-        finally:
-            model.cfg = cfg
-        note = BEST_CANDIDATES_NOTE
-    head = out.head
-    _, within, _ = cell_levels(model.grid_numbers)
-    parts = SimpleNamespace(cate=[t[0].detach().cpu() for t in head.cate_logits], canvas=tuple(out.canvas),
-                            grid_numbers=list(model.grid_numbers), strides=list(model.strides),
-                            level_names=[f"level {i} (S={s})" for i, s in enumerate(model.grid_numbers)],
-                            within=within, size=tuple(image.shape[-2:]))
-    det = out.detections
-    if hasattr(head, "kernels"):  # SOLOv2: the dynamic kernel of each detection's cell, and the mask features
-        flat = torch.cat([k[0].permute(1, 2, 0).reshape(-1, k.shape[1]) for k in head.kernels])
-        parts.kernels = flat[det["cells"]].detach().cpu()
-        parts.mask_features = head.mask_features[0].detach().cpu()
-    else:  # SOLO / Decoupled SOLO: the mask channel of the cell, at stride 4
-        out_hw = (out.canvas[0] // 4, out.canvas[1] // 4)
-        parts.kernels = None
-        parts.cell_probs = model._mask_probs_fn(head, 0, out_hw)(det["cells"]).detach().cpu() \
-            if len(det["cells"]) else torch.zeros(0, *out_hw)
-    h, w = image.shape[-2:]
-    return Explanation(model, family, image.detach().cpu()[:, :h, :w], _cpu(det), parts, note, names)
 
 
 # -------------------------------------------------------------------------------------------------- describing

@@ -17,8 +17,8 @@ from matplotlib.patches import Rectangle
 
 from onestage.modeling.solo import (
     PAPER_GRIDS,
+    cate_scores,
     cell_levels,
-    points_nms,
     PAPER_SCALE_RANGES,
     PAPER_STRIDES,
     assign_levels,
@@ -383,18 +383,18 @@ def solo_grid_explorer(image: torch.Tensor, target: dict, class_names=None, grid
 
 @torch.no_grad()
 def model_outputs(model, image: torch.Tensor) -> SimpleNamespace:
-    """Run a SOLO / Decoupled SOLO / SOLOv2 model on one image and keep what the figures need: ``canvas`` (padded
-    h, w), ``head`` (the head outputs: ``cate_logits``, mask logits or ``kernels`` + ``mask_features``) and
-    ``detections`` (with ``cells`` and ``fpn_levels``, see ``postprocess(return_indices=True)``)."""
+    """Run a SOLO / Decoupled SOLO / SOLOv2 model on one image (eval mode, restored after) and keep what the figures
+    need: ``parts`` (``model.forward_parts``), ``canvas`` (padded h, w), ``head`` (its head outputs:
+    ``cate_logits``, the mask outputs or ``kernels`` + ``mask_features``) and ``detections`` (with ``cells`` and
+    ``fpn_levels``: ``model.detect(parts, with_origin=True)``)."""
     was_training = model.training
     model.eval()
     try:
-        batch, sizes = model.preprocess([image])
-        head = model.heads(batch) if hasattr(model, "heads") else model.head(model.features(batch))
-        det = model.postprocess(head, sizes, batch.shape[-2:], return_indices=True)[0]
+        parts = model.forward_parts([image])
+        det = model.detect(parts, with_origin=True)[0]
     finally:
         model.train(was_training)
-    return SimpleNamespace(canvas=tuple(batch.shape[-2:]), head=head, detections=det)
+    return SimpleNamespace(parts=parts, canvas=parts.canvas_hw, head=parts.head, detections=det)
 
 
 @torch.no_grad()
@@ -403,21 +403,12 @@ def top_candidates(model, outputs: SimpleNamespace, k: int = 8, class_names=None
     their masks at stride 4: ``cells`` (over all levels), ``levels``, ``channels`` (k = i·S + j within the level),
     ``labels``, ``scores`` (category score × maskness, what Matrix NMS receives), ``probs``, ``binary``,
     ``kernels`` (SOLOv2 only, else ``None``) and panel ``titles``."""
-    head = outputs.head
-    c = model.num_classes
-    cate = torch.cat([points_nms(t[:1].sigmoid())[0].permute(1, 2, 0).reshape(-1, c) for t in head.cate_logits])
+    parts = outputs.parts
+    cate = cate_scores(parts.head.cate_logits, 0)
     top, idx = cate.reshape(-1).topk(min(k, cate.numel()))
-    cells, labels = idx // c, idx % c
-    out_hw = (outputs.canvas[0] // 4, outputs.canvas[1] // 4)
-    kernels = None
-    if hasattr(head, "kernels"):
-        from onestage.modeling.solov2 import dynamic_masks
-
-        flat = torch.cat([kk[0].permute(1, 2, 0).reshape(-1, kk.shape[1]) for kk in head.kernels])
-        kernels = flat[cells]
-        probs = dynamic_masks(kernels, head.mask_features[0]).sigmoid()
-    else:
-        probs = model._mask_probs_fn(head, 0, out_hw)(cells)
+    cells, labels = idx // model.num_classes, idx % model.num_classes
+    kernels = model.flat_kernels(parts.head, 0)[cells] if "mask_features" in parts.mask_inputs else None
+    probs = model.cell_mask_probs(parts, 0, cells)
     binary = probs > model.cfg.mask_thresh
     area = binary.flatten(1).sum(1).clamp(min=1)
     scores = top * (probs * binary).flatten(1).sum(1) / area
