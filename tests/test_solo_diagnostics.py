@@ -6,6 +6,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from onestage.analysis.solo_diagnostics import class_agnostic_ap, positive_cell_diagnostics
+from onestage.modeling.parts import ForwardParts
 from onestage.modeling.solo import SOLO, SOLOConfig, downsample_masks
 from onestage.modeling.solov2 import SOLOv2, SOLOv2Config, SOLOv2HeadOutputs
 from onestage.structures import masks_to_boxes
@@ -38,14 +39,15 @@ class _TinyDataset:
 class _OracleSOLOv2(SOLOv2):
     """SOLOv2 whose heads are built from the ground truth: +10 logits for the object's class at its positive cells,
     −10 elsewhere; mask feature channel o = ±10 inside/outside object o, and each positive cell's kernel picks its
-    object's channel. Its diagnostics must be perfect."""
+    object's channel (its ``forward_parts``, what the diagnostics read). Its diagnostics must be perfect."""
 
     def __init__(self, dataset):
         super().__init__(SOLOv2Config.preset("smoke"), num_classes=7)
         self.dataset = dataset
         self.current = None
 
-    def heads(self, batch):
+    def forward_parts(self, images):
+        batch, sizes = self.preprocess(images)
         target = next(t for im, t in self.dataset.items if im.shape[-2:] == self.current)
         canvas = batch.shape[-2:]
         assigned = self.assign([target], canvas)
@@ -63,7 +65,8 @@ class _OracleSOLOv2(SOLOv2):
         feats = torch.full((1, e, *hw), -10.0)
         gt = downsample_masks(target["masks"], canvas, hw)
         feats[0, : len(gt)] = gt * 20.0 - 10.0
-        return SOLOv2HeadOutputs(cate, kernels, feats)
+        return ForwardParts(batch, [tuple(v) for v in sizes], {}, SOLOv2HeadOutputs(cate, kernels, feats),
+                            mask_inputs={"mask_features": feats})
 
     def preprocess(self, images):
         self.current = images[0].shape[-2:]

@@ -17,7 +17,7 @@ from onestage.viz.condinst import (PAPER_MASK_RCNN_MS, condinst_explorer, condin
                                    head_input_names, mask_head_timing_markdown, plot_dynamic_params,
                                    plot_instance_layers, plot_roi_vs_full_mask, plot_two_instances,
                                    probe_markdown, probe_rows, table1_timing_settings)
-from onestage.viz.condinst import _two_heads
+from onestage.analysis.condinst import _two_heads
 
 
 

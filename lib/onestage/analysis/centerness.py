@@ -18,7 +18,7 @@ from torchvision.ops import box_iou
 
 from onestage.modeling.fcos import (FCOSHeadOutputs, centerness_target, postprocess,
                                     postprocess_kwargs)
-from onestage.viz._model import model_device
+from onestage.modeling.parts import model_device
 
 __all__ = ["RerankTable", "spearman", "head_outputs", "rerank_candidates", "rerank_table", "rerank_tables",
            "find_demo", "rerank_summary", "match_detections", "detect", "nms_effect"]

@@ -20,6 +20,9 @@ Every model has the same three methods, and its own ``forward`` is written with 
 The SOLO family adds ``model.cell_mask_probs(parts, image, cells)``: the mask probabilities of any cells at stride 4 of
 the canvas (vanilla: the cell's channel; decoupled: σ(y_i)·σ(x_j); SOLOv2: the cell's kernel ∗ F).
 
+:func:`parts_for_display` is the one call the walkthroughs make: parts and detections with their origin of one image,
+falling back to the best candidates (and saying so) when an under-trained model detects nothing.
+
 Notebooks, ``viz`` and ``analysis`` read these instead of calling a model's pieces in their own order; one test per
 model (``tests/test_forward_parts.py``) checks that ``forward`` equals ``detect(forward_parts(...))`` and that
 each detection is rebuilt from its origin.
@@ -31,9 +34,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
 from torch import Tensor
 
-__all__ = ["ForwardParts", "low_thresholds"]
+__all__ = ["ForwardParts", "low_thresholds", "parts_for_display", "model_device", "BEST_CANDIDATES_NOTE"]
 
 
 @dataclass
@@ -75,3 +79,36 @@ def low_thresholds(model):
         yield model
     finally:
         model.cfg = cfg
+
+
+#: Shown when :func:`parts_for_display` falls back to candidates below the score threshold.
+BEST_CANDIDATES_NOTE = "no detection passes the model's score threshold; showing its best candidates"
+
+
+def model_device(model) -> torch.device:
+    """The device of the model's parameters (CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+@torch.no_grad()
+def parts_for_display(model, image: Tensor) -> tuple:
+    """``(parts, detections, note)`` of one ``3×H×W`` image: the model's :class:`ForwardParts` (eval mode, restored
+    after) and its detections with their origin (``model.detect(parts, with_origin=True)[0]``).
+
+    An under-trained model (a fresh one in a tutorial) often has no detection above its score threshold; rather than
+    showing an empty figure, the walkthroughs then show its best candidates (the same inference with the score
+    thresholds at 0, :func:`onestage.modeling.parts.low_thresholds`) and say so in ``note`` (empty otherwise).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        parts = model.forward_parts([image.to(model_device(model))])
+        det = model.detect(parts, with_origin=True)[0]
+        note = ""
+        if len(det["boxes"]) == 0:
+            with low_thresholds(model):
+                det = model.detect(parts, with_origin=True)[0]
+            note = BEST_CANDIDATES_NOTE
+    finally:
+        model.train(was_training)
+    return parts, det, note

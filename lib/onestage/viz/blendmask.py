@@ -24,7 +24,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from onestage.modeling.blendmask import paste_masks, pool_bases
 from onestage.ops.blender import blend_reference, fcis_attention, interpolate_attention
-from onestage.viz._model import parts_for_display
+from onestage.modeling.parts import parts_for_display
 from onestage.viz.widgets import figure_explorer
 
 __all__ = [

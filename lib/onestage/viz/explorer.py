@@ -39,7 +39,7 @@ from torch import Tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from onestage.modeling.solo import cell_levels
-from onestage.viz._model import parts_for_display
+from onestage.modeling.parts import parts_for_display
 from onestage.viz.draw import class_colors
 
 __all__ = [
