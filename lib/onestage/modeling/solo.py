@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import onestage.ops
-from onestage.modeling.backbone import EFFICIENTNET_LITE0_WHEEL, build_backbone
+from onestage.modeling.backbone import CPU_BACKBONE_PRESET, SMOKE_BACKBONE_PRESET, BackboneConfig, build_backbone
 from onestage.modeling.losses import dice_loss
 from onestage.modeling.parts import ForwardParts
 from onestage.structures import mask_nms, masks_to_boxes, normalize_and_pad
@@ -98,7 +98,7 @@ def scaled_scale_ranges(train_size: float, paper_size: float = 800.0) -> tuple:
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class SOLOConfig:
+class SOLOConfig(BackboneConfig):
     """SOLO hyper-parameters; defaults = the published SOLO R50 config (WXinlong/SOLO
     ``configs/solo/solo_r50_fpn_8gpu_1x.py``) and the paper (arXiv 1912.04488 §3).
 
@@ -115,12 +115,8 @@ class SOLOConfig:
       ``mask_nms_thresh``).
     """
 
-    # --- backbone + FPN: P2..P6, P6 by max-pooling P5 (mmdet FPN num_outs=5 without extra convs) ---
-    backbone: str = "resnet50"
-    backbone_norm: str = "frozen_bn"
-    freeze_at: int = 2
-    pretrained_path: Optional[str] = None
-    fpn_channels: int = 256
+    # --- FPN (backbone and input fields: BackboneConfig): P2..P6, P6 by max-pooling P5 (mmdet FPN num_outs=5
+    # without extra convs) ---
     fpn_top_from: str = "p5"
     fpn_extra_block: str = "maxpool"
     # --- levels (§3.1, Table 2; WXinlong/SOLO configs/solo/solo_r50_fpn_8gpu_1x.py) ---
@@ -159,10 +155,6 @@ class SOLOConfig:
     INFERENCE_ONLY: ClassVar[tuple] = ("score_thresh", "mask_thresh", "update_thresh", "nms_pre", "detections_per_img",
                                        "nms", "matrix_nms_kernel", "matrix_nms_sigma", "mask_nms_thresh",
                                        "max_candidates")
-    # --- input ---
-    pixel_mean: tuple = (0.485, 0.456, 0.406)
-    pixel_std: tuple = (0.229, 0.224, 0.225)
-    size_divisibility: int = 32
 
     @property
     def in_features(self) -> tuple:
@@ -190,13 +182,10 @@ class SOLOConfig:
         if name == "paper":
             return cls()
         if name == "cpu":
-            return cls(backbone="efficientnet_lite0", pretrained_path=EFFICIENTNET_LITE0_WHEEL, backbone_norm="bn",
-                       freeze_at=0, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.5, 0.5, 0.5), fpn_channels=128,
-                       head_channels=128, num_convs=2)
+            return cls(**CPU_BACKBONE_PRESET, head_channels=128, num_convs=2)
         if name == "smoke":
             # two tower convs so that every coord_conv value (0/1/2) of the ablation is buildable
-            return cls(backbone="resnet18", backbone_norm="bn", freeze_at=0, fpn_channels=32, head_channels=32,
-                       num_convs=2, gn_groups=8)
+            return cls(**SMOKE_BACKBONE_PRESET, head_channels=32, num_convs=2, gn_groups=8)
         raise ValueError(f"unknown preset {name!r}; choose from 'paper', 'cpu', 'smoke'")
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from onestage.modeling.backbone import EFFICIENTNET_LITE0_WHEEL, build_backbone
+from onestage.modeling.backbone import CPU_BACKBONE_PRESET, SMOKE_BACKBONE_PRESET, BackboneConfig, build_backbone
 from onestage.modeling.losses import dice_loss
 from onestage.modeling.parts import ForwardParts
 from onestage.modeling.solo import (
@@ -75,7 +75,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class SOLOv2Config:
+class SOLOv2Config(BackboneConfig):
     """SOLOv2 hyper-parameters; defaults = AdelaiDet ``MODEL.SOLOV2.*`` (``adet/config/defaults.py``), equal to
     WXinlong/SOLO's SOLOv2 R50 config (``configs/solov2/solov2_r50_fpn_8gpu_1x.py``): 4-conv 512-channel GN towers,
     E = 256 dynamic 1×1 kernels, a 128-channel mask branch on P2..P5, Matrix NMS (gaussian, σ 2), score .1,
@@ -85,12 +85,8 @@ class SOLOv2Config:
     from the mask branch's P5 input), ``nms`` ("matrix" / "mask").
     """
 
-    # --- backbone + FPN: P2..P6 (P6 max-pooled from P5, detectron2's LastLevelMaxPool) ---
-    backbone: str = "resnet50"
-    backbone_norm: str = "frozen_bn"
-    freeze_at: int = 2
-    pretrained_path: Optional[str] = None
-    fpn_channels: int = 256
+    # --- FPN (backbone and input fields: BackboneConfig): P2..P6 (P6 max-pooled from P5, detectron2's
+    # LastLevelMaxPool) ---
     in_features: tuple = ("p2", "p3", "p4", "p5", "p6")
     fpn_top_from: str = "p5"
     fpn_extra_block: str = "maxpool"
@@ -130,10 +126,6 @@ class SOLOv2Config:
     INFERENCE_ONLY: ClassVar[tuple] = ("score_thresh", "mask_thresh", "update_thresh", "nms_pre", "detections_per_img",
                                        "nms", "matrix_nms_kernel", "matrix_nms_sigma", "mask_nms_thresh",
                                        "max_candidates")
-    # --- input ---
-    pixel_mean: tuple = (0.485, 0.456, 0.406)
-    pixel_std: tuple = (0.229, 0.224, 0.225)
-    size_divisibility: int = 32
 
     @property
     def levels(self) -> List[dict]:
@@ -151,12 +143,9 @@ class SOLOv2Config:
         if name == "paper":
             return cls()
         if name == "cpu":
-            return cls(backbone="efficientnet_lite0", pretrained_path=EFFICIENTNET_LITE0_WHEEL, backbone_norm="bn",
-                       freeze_at=0, pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.5, 0.5, 0.5), fpn_channels=128,
-                       instance_channels=128, num_instance_convs=2, mask_channels=64, num_masks=64)
+            return cls(**CPU_BACKBONE_PRESET, instance_channels=128, num_instance_convs=2, mask_channels=64, num_masks=64)
         if name == "smoke":
-            return cls(backbone="resnet18", backbone_norm="bn", freeze_at=0, fpn_channels=32, instance_channels=32,
-                       num_instance_convs=1, mask_channels=16, num_masks=16, gn_groups=8)
+            return cls(**SMOKE_BACKBONE_PRESET, instance_channels=32, num_instance_convs=1, mask_channels=16, num_masks=16, gn_groups=8)
         raise ValueError(f"unknown preset {name!r}; choose from 'paper', 'cpu', 'smoke'")
 
 
