@@ -431,7 +431,8 @@ def test_head_output_memory_is_measured_and_matches_the_solo_shapes():
 
     import onestage
     from onestage.experiments.experiment import head_output_mib
-    from onestage.modeling.solo import PAPER_GRIDS, PAPER_STRIDES, mask_branch_memory
+    from onestage.analysis.solo_memory import mask_branch_memory
+    from onestage.modeling.solo import PAPER_GRIDS, PAPER_STRIDES
 
     image = torch.rand(3, 128, 128)
     analytic = mask_branch_memory(PAPER_GRIDS, PAPER_STRIDES, image_hw=(128, 128))

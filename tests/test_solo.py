@@ -18,8 +18,6 @@ from onestage.modeling.solo import (
     coord_features,
     downsample_masks,
     grid_targets,
-    mask_branch_memory,
-    mask_branch_output_shapes,
     matrix_nms,
     matrix_nms_decay,
     points_nms,
@@ -174,6 +172,8 @@ def test_decoupled_product_equals_the_vanilla_channel():
 
 
 def test_mask_branch_memory():
+    from onestage.analysis.solo_memory import mask_branch_memory, mask_branch_output_shapes
+
     tiny = mask_branch_memory([4], [8], (32, 32))
     assert tiny["vanilla"] == 16 * 8 * 8 * 4 and tiny["decoupled"] == 8 * 8 * 8 * 4 and tiny["ratio"] == 2
     assert mask_branch_output_shapes([40], [8], (800, 1344)) == [(1600, 200, 336)]

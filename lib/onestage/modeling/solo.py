@@ -20,7 +20,7 @@ The file, in reading order:
 5. ``matrix_nms`` / ``matrix_nms_decay`` — Matrix NMS (SOLOv2 §3.3, used for SOLO too by the authors' code).
 6. ``solo_inference`` — point NMS, thresholds, maskness, NMS, full-size masks and boxes (shared with SOLOv2).
 7. ``SOLO`` / ``DecoupledSOLO`` — the ``nn.Module``s (``model(images, targets)`` → losses; ``model(images)`` →
-   detections), and ``mask_branch_memory`` — the memory argument for the decoupled head.
+   detections). The memory argument for the decoupled head is computed in ``onestage.analysis.solo_memory``.
 
 Where the paper and the authors' code differ, we follow the code (its numbers are the published ones, WXinlong/SOLO
 ``README.md``): strides 8/8/16/32/32 with P2 halved and P6 resized to P5 (``split_feats`` of WXinlong/SOLO
@@ -67,8 +67,6 @@ __all__ = [
     "cate_scores",
     "cell_candidates",
     "ranked_candidates",
-    "mask_branch_output_shapes",
-    "mask_branch_memory",
     "conv_gn_relu",
     "scaled_scale_ranges",
     "prior_conv",
@@ -514,42 +512,6 @@ def dynamic_masks(kernels: Tensor, mask_features: Tensor) -> Tensor:
     1×1 weight is cell k's kernel (:meth:`SOLOHead.cell_mask_logits`)."""
     e, h, w = mask_features.shape
     return (kernels @ mask_features.reshape(e, h * w)).reshape(-1, h, w)
-
-
-def mask_branch_output_shapes(grid_numbers: Sequence[int], strides: Sequence[int], image_hw: Sequence[int],
-                              head: str = "vanilla") -> List[tuple]:
-    """``(channels, h, w)`` of each level's mask-branch output for a (padded) input of ``image_hw``: masks at
-    stride/2, S² channels (vanilla) or 2S (decoupled: S x-maps + S y-maps)."""
-    out = []
-    for s, st in zip(grid_numbers, strides):
-        h, w = math.ceil(image_hw[0] / st) * 2, math.ceil(image_hw[1] / st) * 2
-        out.append((s * s if head == "vanilla" else 2 * s, h, w))
-    return out
-
-
-def mask_branch_memory(grid_numbers: Sequence[int] = PAPER_GRIDS, strides: Sequence[int] = PAPER_STRIDES,
-                       image_hw: Sequence[int] = (800, 1344), batch_size: int = 1, bytes_per_element: int = 4) -> dict:
-    """Memory of the mask-branch *output* tensors, vanilla vs decoupled (paper §4: Decoupled SOLO needs
-    "considerably less GPU memory"; the output shrinks from S² to 2S channels per level).
-
-    Returns ``{"vanilla": bytes, "decoupled": bytes, "ratio": vanilla / decoupled, "levels": [{grid, stride,
-    vanilla, decoupled}]}`` for ``batch_size`` images of ``image_hw`` (default: the COCO test size 800×1333 padded
-    to 800×1344) in float32. Activations inside the towers and gradients come on top; this is the part that
-    scales with S².
-
-    This is the dense head as the paper and the authors' code run it. :class:`SOLO` itself computes only the
-    channels that its loss or its candidates read (:meth:`SOLOHead.cell_mask_logits`), which removes most of this
-    cost for vanilla SOLO too; the decoupled head still needs 2S instead of S² *weights* per level.
-    """
-    levels = []
-    for s, st, v, d in zip(grid_numbers, strides,
-                           mask_branch_output_shapes(grid_numbers, strides, image_hw, "vanilla"),
-                           mask_branch_output_shapes(grid_numbers, strides, image_hw, "decoupled")):
-        levels.append(dict(grid=s, stride=st, vanilla=batch_size * bytes_per_element * math.prod(v),
-                           decoupled=batch_size * bytes_per_element * math.prod(d)))
-    van = sum(lv["vanilla"] for lv in levels)
-    dec = sum(lv["decoupled"] for lv in levels)
-    return {"vanilla": van, "decoupled": dec, "ratio": van / dec, "levels": levels}
 
 
 # ---------------------------------------------------------------------------------------------------------------
