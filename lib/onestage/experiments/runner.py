@@ -621,20 +621,15 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(s["status"] in ("failed", "locked") for s in summaries) else 0
 
 
-# Statistics tables need no training: the function that computes each one writes its records directly.
-STATISTICS = {"fcos_ambiguity_bpr": "onestage.analysis.fcos_assignment:reproduce_table"}
-
-
 def run_statistics(table: PaperTable, args: argparse.Namespace) -> int:
     """Compute a ``kind: statistics`` table on ``--data`` (seconds, no notebook), then print the report."""
+    from onestage.experiments.statistics import STATISTICS
+
     if table.id not in STATISTICS:
         print(f"error: no function computes statistics table {table.id!r}; known: {sorted(STATISTICS)}",
               file=sys.stderr)
         return 2
-    import importlib
-
-    module, _, name = STATISTICS[table.id].partition(":")
-    compute = getattr(importlib.import_module(module), name)
+    compute = STATISTICS[table.id]
     try:
         paths = compute(table, args.data, args.out, progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as e:
