@@ -139,12 +139,12 @@ def test_assignment_and_losses_match_torchvision_compute_loss(tv_model):
     assert (assigned.labels != NUM_CLASSES).sum() > 20
     assert len(set(assigned.fpn_levels[assigned.labels[0] != NUM_CLASSES].tolist())) >= 3
 
-    losses, extras = fcos_losses(head_out, assigned, NUM_CLASSES, iou_smooth=0.0)
+    losses, positives = fcos_losses(head_out, assigned, NUM_CLASSES, iou_smooth=0.0)
     torch.testing.assert_close(losses["loss_cls"], tv_losses["classification"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses["loss_ctr"], tv_losses["bbox_ctrness"], rtol=1e-5, atol=1e-6)
-    pos = extras["pos_inds"]
-    plain_giou = iou_loss_ltrb(extras["bbox_reg"][pos], assigned.reg_targets.reshape(-1, 4)[pos], None, "giou",
-                               smooth=0.0) / extras["num_pos_avg"]
+    pos = positives.pos_inds
+    plain_giou = iou_loss_ltrb(positives.bbox_reg[pos], assigned.reg_targets.reshape(-1, 4)[pos], None, "giou",
+                               smooth=0.0) / positives.num_pos_avg
     torch.testing.assert_close(plain_giou, tv_losses["bbox_regression"], rtol=1e-4, atol=1e-5)
     # ... and AdelaiDet's center-ness-weighted, smoothed version is a different number
     assert not torch.allclose(losses["loss_box_reg"], tv_losses["bbox_regression"], rtol=1e-2)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align, roi_pool
 
 from onestage.modeling.backbone import level_stride
-from onestage.modeling.fcos import FCOS, FCOSConfig, flatten_levels
+from onestage.modeling.fcos import FCOS, FCOSConfig, FCOSPositives, flatten_levels
 from onestage.modeling.parts import ForwardParts
 from onestage.ops.blender import INTERPOLATIONS, blend, fcis_attention
 
@@ -359,15 +359,15 @@ class BlendMask(FCOS):
         return blend(bases_rois, attn_maps, c.effective_top_interp, normalize)
 
     # --- training ---
-    def mask_losses(self, bases: Tensor, sem_logits: Optional[Tensor], attns: Optional[Tensor], extras: dict,
-                    targets: Sequence[dict], padded_size: tuple) -> dict:
+    def mask_losses(self, bases: Tensor, sem_logits: Optional[Tensor], attns: Optional[Tensor],
+                    positives: FCOSPositives, targets: Sequence[dict], padded_size: tuple) -> dict:
         c = self.cfg
         for t in targets:
             if "masks" not in t:
                 raise ValueError("BlendMask needs instance masks in its targets (target['masks'] N×H×W)")
         losses = {}
-        pos_inds = extras["pos_inds"]
-        gt_inds = extras["targets"].gt_inds.reshape(-1)[pos_inds]
+        pos_inds = positives.pos_inds
+        gt_inds = positives.targets.gt_inds.reshape(-1)[pos_inds]
         gt_boxes = [t["boxes"].to(bases.device, torch.float32).reshape(-1, 4) for t in targets]
         if pos_inds.numel() == 0:
             # zero, but connected to the bases and attentions, so every parameter gets a (zero) gradient (DDP)
@@ -383,7 +383,7 @@ class BlendMask(FCOS):
             logits = self.blend(rois, self.attention_maps(flat_attn, len(pos_inds), rois))
             gt = torch.cat([mask_targets(t["masks"].to(bases.device), b, c.bottom_resolution)
                             for t, b in zip(targets, gt_boxes)])[gt_inds]
-            loss = blendmask_mask_loss(logits, gt, extras["ctr_targets"], extras["loss_denorm"])
+            loss = blendmask_mask_loss(logits, gt, positives.ctr_targets, positives.loss_denorm)
             losses["loss_mask"] = c.instance_loss_weight * loss
         if sem_logits is not None:
             stride = level_stride(c.basis_in_features[0])
@@ -427,8 +427,8 @@ class BlendMask(FCOS):
         return parts
 
     def losses_from_parts(self, parts: ForwardParts, targets: Sequence[dict]) -> dict:
-        losses, extras = self.losses(parts.head, parts.locations, targets, return_extras=True)
+        losses, positives = self.losses_and_positives(parts.head, parts.locations, targets)
         m = parts.mask_inputs
-        losses.update(self.mask_losses(m["bases"], m["sem_logits"], m["attentions"], extras, targets,
+        losses.update(self.mask_losses(m["bases"], m["sem_logits"], m["attentions"], positives, targets,
                                        parts.canvas_hw))
         return losses

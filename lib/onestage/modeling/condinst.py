@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from onestage.modeling.backbone import level_stride
-from onestage.modeling.fcos import FCOS, FCOSConfig, FCOSHeadOutputs, flatten_levels
+from onestage.modeling.fcos import FCOS, FCOSConfig, FCOSHeadOutputs, FCOSPositives, flatten_levels
 from onestage.modeling.losses import dice_loss
 from onestage.modeling.parts import ForwardParts
 from onestage.ops.dynamic_mask_head import COORD_MODES, dynamic_mask_head, num_dynamic_params
@@ -236,12 +236,11 @@ class CondInst(FCOS):
         return aligned_bilinear(logits, c.mask_upsample_factor)
 
     # -- training -----------------------------------------------------------------------------------------------
-    def mask_loss(self, mask_feats: Tensor, params: Tensor, extras: dict, locations: Sequence[Tensor],
+    def mask_loss(self, mask_feats: Tensor, params: Tensor, positives: FCOSPositives, locations: Sequence[Tensor],
                   targets: Sequence[dict], padded_size: tuple) -> Tensor:
         """Dice loss (eq. 3, mean over instances, weight 1) of the FCOS positives' masks (a random subset of at
         most ``max_proposals``) against their ground-truth masks sampled at the output stride."""
-        assigned = extras["targets"]
-        pos_inds = extras["pos_inds"]
+        assigned, pos_inds = positives.targets, positives.pos_inds
         num_locations = params.shape[1]
         if self.cfg.max_proposals > 0 and pos_inds.numel() > self.cfg.max_proposals:
             pick = torch.randperm(pos_inds.numel(), device=pos_inds.device)[: self.cfg.max_proposals]
@@ -334,7 +333,7 @@ class CondInst(FCOS):
         # masks to FCOS's get_sample_region, which then uses their centroids)
         targets = [{**t, "centers": mask_centers(t["masks"], t["boxes"])} if "centers" not in t else t
                    for t in targets]
-        losses, extras = self.losses(parts.head, parts.locations, targets, return_extras=True)
-        losses["loss_mask"] = self.mask_loss(parts.mask_inputs["mask_feats"], parts.mask_inputs["params"], extras,
+        losses, positives = self.losses_and_positives(parts.head, parts.locations, targets)
+        losses["loss_mask"] = self.mask_loss(parts.mask_inputs["mask_feats"], parts.mask_inputs["params"], positives,
                                              parts.locations, targets, parts.canvas_hw)
         return losses

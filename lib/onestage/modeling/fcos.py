@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, List, NamedTuple, Optional, Sequence
+from typing import ClassVar, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,7 @@ __all__ = [
     "FCOSHead",
     "FCOSHeadOutputs",
     "FCOSTargets",
+    "FCOSPositives",
     "Scale",
     "compute_locations",
     "assign_targets",
@@ -400,10 +401,25 @@ def _reduce_mean(t: Tensor) -> Tensor:
     return t
 
 
+class FCOSPositives(NamedTuple):
+    """What :func:`fcos_losses` found and normalised by, for the losses built on top of FCOS's (CondInst's mask loss
+    over the positives, BlendMask's ``loss_denorm``-normalised mask loss)."""
+
+    targets: FCOSTargets   # the assignment the losses were computed against
+    pos_inds: Tensor       # flat indices into B·L of the positive locations
+    num_pos_avg: float     # max(#positives averaged over workers, 1): the cls / ctr normaliser
+    loss_denorm: float     # Σ center-ness targets of the positives (averaged over workers): the box-loss normaliser
+    ctr_targets: Tensor    # center-ness target of each positive
+    logits: Tensor         # (B·L)×C class logits, flattened in ``flatten_levels`` order
+    bbox_reg: Tensor       # (B·L)×4 regression (stride units)
+    ctrness: Optional[Tensor]  # B·L center-ness logits (None without the branch)
+
+
 def fcos_losses(head_out: FCOSHeadOutputs, assigned: FCOSTargets, num_classes: int, focal_alpha: float = 0.25,
                 focal_gamma: float = 2.0, loc_loss_type: str = "giou", iou_smooth: float = 1.0,
                 loss_weight_cls: float = 1.0):
-    """FCOS training losses (paper eq. 2, AdelaiDet ``fcos_losses``). Returns ``(losses, extras)``.
+    """FCOS training losses (paper eq. 2, AdelaiDet ``fcos_losses``). Returns ``(losses, positives)``: the loss dict
+    and an :class:`FCOSPositives`.
 
     * ``loss_cls`` — sigmoid focal (α .25, γ 2) summed over all locations × classes / max(#pos, 1);
     * ``loss_box_reg`` — IoU-family loss at positives, each weighted by its center-ness target, / Σ ctr targets
@@ -414,7 +430,7 @@ def fcos_losses(head_out: FCOSHeadOutputs, assigned: FCOSTargets, num_classes: i
     With no positive in the batch the box and center-ness losses are ``0 · Σ(prediction)``: zero, but connected to
     the graph so every parameter still receives a (zero) gradient — DDP needs that.
 
-    ``extras``: ``pos_inds`` (flat indices into B·L), ``num_pos_avg``, ``loss_denorm`` (Σ ctr targets, reused by
+    ``positives``: ``pos_inds`` (flat indices into B·L), ``num_pos_avg``, ``loss_denorm`` (Σ ctr targets, reused by
     BlendMask's mask loss), ``ctr_targets`` at positives, and the flattened predictions.
     """
     logits = flatten_levels(head_out.logits).reshape(-1, num_classes)
@@ -445,9 +461,7 @@ def fcos_losses(head_out: FCOSHeadOutputs, assigned: FCOSTargets, num_classes: i
         losses["loss_box_reg"] = reg.sum() * 0.0
         if ctr is not None:
             losses["loss_ctr"] = ctr.sum() * 0.0
-    extras = dict(pos_inds=pos_inds, num_pos_avg=num_pos_avg, loss_denorm=loss_denorm, ctr_targets=ctr_t,
-                  logits=logits, bbox_reg=reg, ctrness=ctr)
-    return losses, extras
+    return losses, FCOSPositives(assigned, pos_inds, num_pos_avg, loss_denorm, ctr_t, logits, reg, ctr)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -580,16 +594,16 @@ class FCOS(nn.Module):
         return assign_targets(locations, targets, self.num_classes, self.strides, c.sizes_of_interest,
                               c.center_sampling, c.center_sampling_radius)
 
-    def losses(self, head_out: FCOSHeadOutputs, locations: Sequence[Tensor], targets: Sequence[dict],
-               return_extras: bool = False):
-        assigned = self.assign(locations, targets)
+    def losses(self, head_out: FCOSHeadOutputs, locations: Sequence[Tensor], targets: Sequence[dict]) -> dict:
+        return self.losses_and_positives(head_out, locations, targets)[0]
+
+    def losses_and_positives(self, head_out: FCOSHeadOutputs, locations: Sequence[Tensor],
+                             targets: Sequence[dict]) -> Tuple[dict, FCOSPositives]:
+        """The assignment and :func:`fcos_losses`: ``(losses, FCOSPositives)`` (CondInst and BlendMask build their
+        mask losses on the positives)."""
         c = self.cfg
-        losses, extras = fcos_losses(head_out, assigned, self.num_classes, c.focal_alpha, c.focal_gamma,
-                                     c.loc_loss_type, c.iou_smooth, c.loss_weight_cls)
-        if return_extras:
-            extras["targets"] = assigned
-            return losses, extras
-        return losses
+        return fcos_losses(head_out, self.assign(locations, targets), self.num_classes, c.focal_alpha, c.focal_gamma,
+                           c.loc_loss_type, c.iou_smooth, c.loss_weight_cls)
 
     def postprocess(self, head_out: FCOSHeadOutputs, locations: Sequence[Tensor], image_sizes: Sequence[tuple],
                     return_indices: bool = False):

@@ -738,8 +738,7 @@ class SOLO(nn.Module):
         i, j = k // s, k % s
         return head_out.mask_logits_y[lvl][b, i].sigmoid() * head_out.mask_logits_x[lvl][b, j].sigmoid()
 
-    def losses(self, head_out: SOLOHeadOutputs, targets: Sequence[dict], canvas_hw: Sequence[int],
-               return_extras: bool = False):
+    def losses(self, head_out: SOLOHeadOutputs, targets: Sequence[dict], canvas_hw: Sequence[int]) -> dict:
         """``loss_cate``: sigmoid focal over all cells × classes, / (#positive cells + 1); ``loss_mask``: Dice
         (``1 − 2Σpt / (Σp² + Σt² + 0.002)``) averaged over positive cells, × ``dice_weight`` (paper eq. 1-3)."""
         c = self.cfg
@@ -764,11 +763,9 @@ class SOLO(nn.Module):
         # parameters used); sums of the outputs are cheap next to the Dice terms
         zero = sum(t.sum() for t in mask_outputs) * 0.0
         loss_mask = (torch.cat(dice).mean() * c.dice_weight + zero) if dice else zero
-        loss_cate, num_pos = category_loss(head_out.cate_logits, assigned.labels, self.num_classes, c.focal_alpha,
+        loss_cate, _ = category_loss(head_out.cate_logits, assigned.labels, self.num_classes, c.focal_alpha,
                                            c.focal_gamma)
         losses = {"loss_cate": c.loss_weight_cls * loss_cate, "loss_mask": loss_mask}
-        if return_extras:
-            return losses, {"targets": assigned, "num_pos": num_pos}
         return losses
 
     # -- inference ------------------------------------------------------------------------------------------

@@ -272,8 +272,7 @@ class SOLOv2(nn.Module):
         k = head_out.kernels[lvl]
         return k.permute(0, 2, 3, 1).reshape(-1, k.shape[1])[cells]
 
-    def losses(self, head_out: SOLOv2HeadOutputs, targets: Sequence[dict], canvas_hw: Sequence[int],
-               return_extras: bool = False):
+    def losses(self, head_out: SOLOv2HeadOutputs, targets: Sequence[dict], canvas_hw: Sequence[int]) -> dict:
         """SOLO's losses (AdelaiDet ``adet/modeling/solov2/solov2.py``): focal / (#positive cells + 1); Dice (eps 0.002)
         averaged over every (cell, object) pair, × 3. The masks are built only for the positive cells' kernels."""
         c = self.cfg
@@ -300,11 +299,9 @@ class SOLOv2(nn.Module):
         # keep the kernel and mask branches in the graph when nothing is positive (DDP needs every parameter)
         zero = (sum(k.sum() for k in head_out.kernels) + feats.sum()) * 0.0
         loss_mask = (torch.cat(dice).mean() * c.dice_weight + zero) if dice else zero
-        loss_cate, num_pos = category_loss(head_out.cate_logits, assigned.labels, self.num_classes, c.focal_alpha,
+        loss_cate, _ = category_loss(head_out.cate_logits, assigned.labels, self.num_classes, c.focal_alpha,
                                            c.focal_gamma)
         losses = {"loss_cate": c.loss_weight_cls * loss_cate, "loss_mask": loss_mask}
-        if return_extras:
-            return losses, {"targets": assigned, "num_pos": num_pos}
         return losses
 
     def postprocess(self, head_out: SOLOv2HeadOutputs, image_sizes: Sequence[tuple], canvas_hw: Sequence[int],
