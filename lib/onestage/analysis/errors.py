@@ -59,6 +59,8 @@ __all__ = [
     "confusion_matrix",
     "worst_images",
     "image_error_types",
+    "IouTypeAnalysis",
+    "analyze_types",
     "analyze",
 ]
 
@@ -501,22 +503,41 @@ def worst_images(breakdown: ErrorBreakdown, k: int = 6) -> list[tuple[int, dict]
     return ranked[:k]
 
 
-def analyze(gt: GtLike, results: ResultsLike, iou_types: Optional[Sequence[str]] = None,
-            score_thresh: float = 0.3) -> dict:
-    """Everything above for each IoU type, JSON-able: ``{iou_type: {"errors": summary, "pr_ap": areas,
-    "confusion": {"names", "matrix", "iou_thresh", "score_thresh"}}}``. ``iou_types`` defaults to ``bbox`` plus
-    ``segm`` when the results carry masks."""
+@dataclass
+class IouTypeAnalysis:
+    """Everything :func:`analyze` computes for one IoU type, as objects (:func:`analyze` keeps their JSON-able part)."""
+
+    breakdown: ErrorBreakdown   # :func:`error_breakdown`
+    curves: dict                # :func:`pr_curves`
+    confusion: np.ndarray       # :func:`confusion_matrix`, (C+1)×(C+1)
+    names: list                 # its row / column names
+    score_thresh: float         # the confusion matrix's score threshold
+
+    def summary(self) -> dict:
+        return {"errors": self.breakdown.summary(), "pr_ap": self.curves["ap"],
+                "confusion": {"names": self.names, "matrix": self.confusion.tolist(), "iou_thresh": 0.5,
+                              "score_thresh": self.score_thresh}}
+
+
+def analyze_types(gt: GtLike, results: ResultsLike, iou_types: Optional[Sequence[str]] = None,
+                  score_thresh: float = 0.3) -> dict:
+    """``{iou_type: IouTypeAnalysis}``: the error breakdown, PR curves and confusion matrix of each IoU type, each
+    computed once. ``iou_types`` defaults to ``bbox`` plus ``segm`` when the results carry masks."""
     coco = load_gt(gt)
     dets = load_results(results)
     if iou_types is None:
         iou_types = ["bbox"] + (["segm"] if dets and all("segmentation" in d for d in dets) else [])
     out = {}
     for t in iou_types:
-        br = error_breakdown(coco, dets, t)
-        curves = pr_curves(coco, dets, t)
         M, names = confusion_matrix(coco, dets, t, score_thresh=score_thresh)
-        out[t] = {"errors": br.summary(), "pr_ap": curves["ap"],
-                  "confusion": {"names": names, "matrix": M.tolist(), "iou_thresh": 0.5,
-                                "score_thresh": score_thresh}}
+        out[t] = IouTypeAnalysis(error_breakdown(coco, dets, t), pr_curves(coco, dets, t), M, names, score_thresh)
     return out
+
+
+def analyze(gt: GtLike, results: ResultsLike, iou_types: Optional[Sequence[str]] = None,
+            score_thresh: float = 0.3) -> dict:
+    """Everything above for each IoU type, JSON-able: ``{iou_type: {"errors": summary, "pr_ap": areas,
+    "confusion": {"names", "matrix", "iou_thresh", "score_thresh"}}}`` (:meth:`IouTypeAnalysis.summary` of
+    :func:`analyze_types`)."""
+    return {t: a.summary() for t, a in analyze_types(gt, results, iou_types, score_thresh).items()}
 

@@ -163,27 +163,28 @@ def write_analysis(out_dir, gt, results: Sequence[dict], dataset=None, iou_types
     IoU type (``segm`` for a mask model, the paper tables' metric). Returns ``{name: path}``."""
     from pathlib import Path
 
-    from onestage.analysis.errors import analyze, error_breakdown, load_gt, pr_curves, worst_images
+    from onestage.analysis.errors import analyze_types, load_gt, worst_images
     from onestage.experiments.records import write_json_atomic
     from onestage.viz.draw import save_figure
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     coco = load_gt(gt)
-    summary = analyze(coco, results, iou_types, score_thresh=score_thresh)
+    analyses = analyze_types(coco, results, iou_types, score_thresh=score_thresh)  # each computed once
+    summary = {t: a.summary() for t, a in analyses.items()}
     kinds = list(summary)
     main = "segm" if "segm" in kinds else kinds[0]
     paths = {"summary": out / "summary.json"}
     write_json_atomic(paths["summary"], {"main_iou_type": main, **(extra or {}), "analysis": summary})
     figs = {
-        "pr_curves": plot_pr_curves(pr_curves(coco, results, main), title=f"{main} precision-recall"),
+        "pr_curves": plot_pr_curves(analyses[main].curves, title=f"{main} precision-recall"),
         "confusion_matrix": plot_confusion_matrix(summary[main]["confusion"]["matrix"],
                                                   summary[main]["confusion"]["names"],
                                                   title=f"{main}, IoU 0.5, score ≥ {score_thresh:g}"),
         "errors": plot_error_bars({k: summary[k]["errors"] for k in kinds}, title="TIDE error types"),
     }
     if dataset is not None and worst:
-        br = error_breakdown(coco, results, main)
+        br = analyses[main].breakdown
         ids = [i for i, _ in worst_images(br, worst)]
         index = {int(img_id): k for k, img_id in enumerate(getattr(dataset, "ids", []))}
         from onestage.data.coco import load_image
