@@ -121,7 +121,7 @@ def runs_line(table: PaperTable, rows: list[dict]) -> Optional[str]:
 
 
 def error_attribution(table: PaperTable, rows: list[dict], claims: list[dict]) -> list[str]:
-    """Markdown lines: for each claim, how each TIDE error type's ΔAP (the AP it costs) changes from row b to row
+    """Markdown lines: for each claim (a :func:`check_claims` result), how each TIDE error type's ΔAP (the AP it costs) changes from row b to row
     a, mean ± std over the seeds both rows stored a breakdown for. A negative change: row a loses less AP to
     that error type. Empty when no run stored a breakdown."""
     from onestage.analysis.errors import ERROR_TYPES
@@ -129,7 +129,7 @@ def error_attribution(table: PaperTable, rows: list[dict], claims: list[dict]) -
     by_name = {r["row"]: r for r in rows}
     lines, seen = [], set()
     for c in claims:
-        iou = "segm" if _claim_metric_path(c).startswith("segm") else "bbox"
+        iou = "segm" if c["metric"].startswith("segm") else "bbox"  # the metric check_claims resolved
         if (c["row_a"], c["row_b"], iou) in seen:  # two claims on one pair (AP and APs): one row
             continue
         seen.add((c["row_a"], c["row_b"], iou))
@@ -151,10 +151,6 @@ def error_attribution(table: PaperTable, rows: list[dict], claims: list[dict]) -
     head = ("| claim rows (a vs b) | seeds | " + " | ".join(ERROR_TYPES) + " | all FPs | all FNs |")
     return ["", "Error attribution (TIDE, arXiv:2008.08115; ΔAP50 each error type costs, row a minus row b; negative: "
                 "row a loses less to it):", "", head, "|" + "---|" * (len(ERROR_TYPES) + 4)] + lines
-
-
-def _claim_metric_path(claim: dict) -> str:
-    return claim.get("metric") or ""
 
 
 def _claim_metric(table: PaperTable, claim: Claim) -> str:
