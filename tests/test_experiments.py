@@ -17,6 +17,7 @@ import pytest
 from onestage.experiments import aggregate, runner
 from onestage.experiments.records import iter_records, read_record, record_path, write_json_atomic
 from onestage.experiments.tables import TableError, list_tables, load_table, validate_table
+from sweep_helpers import DUMMY_BODY, DUMMY_PARAMS, SLOW_BODY, minimal_table, write_notebook
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT_NB = REPO / "notebooks" / "experiment.ipynb"
@@ -51,19 +52,8 @@ def test_paper_numbers_match_the_seed_text():
     assert not fc.row("computed").optional and "computed" in [r.name for r in fc.runnable_rows()]
 
 
-def _minimal_table(**changes) -> dict:
-    t = {"id": "t", "title": "T", "model": "fcos",
-         "source": {"paper": "P", "table": "Table 1", "where": "here"},
-         "metric": "bbox.AP", "baseline": {},
-         "rows": [{"name": "a", "overrides": {}, "published": {"AP": 1.0}},
-                  {"name": "b", "overrides": {"x": 1}, "published": None}],
-         "expect": [{"claim": "a below b", "row_a": "a", "row_b": "b", "sign": "<"}]}
-    t.update(changes)
-    return t
-
-
 def test_invalid_table_lists_every_problem():
-    bad = _minimal_table(metric="AP", source={"paper": "P"},
+    bad = minimal_table(metric="AP", source={"paper": "P"},
                          rows=[{"name": "a b", "overrides": {}, "published": {}},
                                {"name": "c", "published": {"AP": "high"}}],
                          expect=[{"claim": "x", "row_a": "a", "row_b": "zzz", "sign": "<<"}])
@@ -73,12 +63,12 @@ def test_invalid_table_lists_every_problem():
     for fragment in ("bad.json", "'<section>.<name>'", "source.table", "'a b'", "'overrides' must be an object",
                      "must be a number", "unknown row 'zzz'", "sign must be one of"):
         assert fragment in msg, fragment
-    assert validate_table(_minimal_table()).row("b").overrides == {"x": 1}
+    assert validate_table(minimal_table()).row("b").overrides == {"x": 1}
 
 
 def test_table_id_must_match_file_name(tmp_path):
     p = tmp_path / "other.json"
-    p.write_text(json.dumps(_minimal_table()))
+    p.write_text(json.dumps(minimal_table()))
     with pytest.raises(TableError, match="named 'other'"):
         load_table(p)
 
@@ -104,41 +94,14 @@ def test_statistics_table_is_computed_without_a_notebook(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------------ runner
-DUMMY_PARAMS = """model = "m"
-preset = "cpu"
-data = "synthetic"
-seed = 0
-overrides = {}
-train_overrides = {}
-out_dir = "out"
-record_path = ""
-quick = False
-weights_from = ''"""
-
-DUMMY_BODY = """from onestage.experiments.records import write_json_atomic
-if overrides.get("explode"):
-    raise RuntimeError("boom: this row is meant to fail")
-write_json_atomic(record_path, {"status": "finished", "seed": seed, "config": {"overrides": overrides},
-                                "metrics": {"bbox": {"AP": 10.0 * overrides["x"] + seed}}})"""
-
-
-def _write_notebook(path: Path, params: str, body: str) -> Path:
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(params, metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell(body)]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, path)
-    return path
-
-
 @pytest.fixture
 def dummy(tmp_path):
-    table = _minimal_table(id="dummy", rows=[{"name": "good", "overrides": {"x": 1}, "published": {"AP": 5.0}},
+    table = minimal_table(id="dummy", rows=[{"name": "good", "overrides": {"x": 1}, "published": {"AP": 5.0}},
                                              {"name": "bad", "overrides": {"explode": True}, "published": None}],
                            expect=[{"claim": "bad below good", "row_a": "bad", "row_b": "good", "sign": "<"}])
     table_path = tmp_path / "dummy.json"
     table_path.write_text(json.dumps(table))
-    nb = _write_notebook(tmp_path / "dummy.ipynb", DUMMY_PARAMS, DUMMY_BODY)
+    nb = write_notebook(tmp_path / "dummy.ipynb", DUMMY_PARAMS, DUMMY_BODY)
     return table_path, nb, tmp_path / "out"
 
 
@@ -174,13 +137,13 @@ def test_runner_records_failures_goes_on_and_resumes(dummy, capsys):
 def test_unknown_parameter_names_are_rejected_before_launch(dummy, capsys):
     table_path, _, out = dummy
     tmp = table_path.parent
-    nb = _write_notebook(tmp / "lacks_quick.ipynb", DUMMY_PARAMS.replace("quick = False", "fast = False"), DUMMY_BODY)
+    nb = write_notebook(tmp / "lacks_quick.ipynb", DUMMY_PARAMS.replace("quick = False", "fast = False"), DUMMY_BODY)
     with pytest.raises(runner.ParameterError, match=r"\['quick'\]"):
         runner.validate_parameters(nb, runner.RUNNER_PARAMETERS)
     assert runner.main([str(table_path), "--notebook", str(nb), "--out", str(out), "--no-progress"]) == 2
     assert "not declared" in capsys.readouterr().err
     assert not out.exists()  # nothing launched, nothing written
-    no_params = _write_notebook(tmp / "no_params.ipynb", "", DUMMY_BODY)
+    no_params = write_notebook(tmp / "no_params.ipynb", "", DUMMY_BODY)
     with pytest.raises(runner.ParameterError, match="no cell tagged 'parameters'"):
         runner.validate_parameters(no_params, ["seed"])
 
@@ -312,7 +275,7 @@ def test_load_trained_weights_accepts_inference_changes_only(tmp_path):
 
 # ------------------------------------------------------------------------------------------------------ aggregate
 def test_aggregate_mean_std_and_sign_checks(tmp_path):
-    table = validate_table(_minimal_table(
+    table = validate_table(minimal_table(
         id="agg", metrics=["bbox.AP", "bbox.AP50"],
         rows=[{"name": "a", "overrides": {}, "published": {"AP": 30.0, "AP50": 50.0}},
               {"name": "b", "overrides": {"x": 1}, "published": {"AP": 35.0}},
@@ -367,7 +330,7 @@ def test_aggregate_mean_std_and_sign_checks(tmp_path):
 def test_claims_pair_runs_by_seed(tmp_path):
     """A common seed effect (seed 1 is 5 points better in both rows) hides a consistent +0.5 from the unpaired
     noise test; the per-seed differences show it. Disagreeing seeds are called so."""
-    table = validate_table(_minimal_table(
+    table = validate_table(minimal_table(
         id="paired", metric="segm.AP", metrics=["segm.AP"],
         rows=[{"name": "base", "overrides": {}, "published": None},
               {"name": "up", "overrides": {"x": 1}, "published": None},
@@ -404,7 +367,7 @@ def test_report_cli_reads_results_dir(tmp_path, capsys):
 
 
 def test_cost_metrics_are_read_from_the_record_cost_section(tmp_path):
-    table = validate_table(_minimal_table(
+    table = validate_table(minimal_table(
         id="cost", metric="segm.AP", metrics=["segm.AP", "cost.head_output_mib"],
         rows=[{"name": "vanilla", "overrides": {}, "published": None},
               {"name": "decoupled", "overrides": {"x": 1}, "published": None}],
@@ -517,16 +480,6 @@ def test_train_set_overrides_are_parsed_checked_and_reach_every_job(tmp_path):
     assert all(j["parameters"]["train_overrides"]["max_iters"] == 7 for j in jobs)
 
 
-SLOW_BODY = """import pathlib, time
-from onestage.experiments.records import write_json_atomic
-log = pathlib.Path(out_dir).parent / "executions.log"
-with open(log, "a") as f:
-    f.write(f"{overrides['x']}\\n")
-if overrides["x"] == 2 and pathlib.Path(out_dir).parent.joinpath("SLOW").exists():
-    time.sleep(120)  # the sweep is killed while this row runs
-write_json_atomic(record_path, {"status": "finished", "seed": seed, "metrics": {"bbox": {"AP": float(overrides["x"])}}})"""
-
-
 def test_sweep_killed_with_sigkill_resumes_without_redoing_finished_rows(tmp_path):
     import os
     import signal
@@ -534,12 +487,12 @@ def test_sweep_killed_with_sigkill_resumes_without_redoing_finished_rows(tmp_pat
     import sys
     import time
 
-    table = _minimal_table(id="killme", rows=[{"name": "first", "overrides": {"x": 1}, "published": None},
+    table = minimal_table(id="killme", rows=[{"name": "first", "overrides": {"x": 1}, "published": None},
                                               {"name": "second", "overrides": {"x": 2}, "published": None}],
                            expect=[])
     table_path = tmp_path / "killme.json"
     table_path.write_text(json.dumps(table))
-    nb = _write_notebook(tmp_path / "slow.ipynb", DUMMY_PARAMS, SLOW_BODY)
+    nb = write_notebook(tmp_path / "slow.ipynb", DUMMY_PARAMS, SLOW_BODY)
     out = tmp_path / "out"
     (out / "killme").mkdir(parents=True)
     (out / "killme" / "SLOW").touch()
@@ -563,12 +516,12 @@ def test_sweep_killed_with_sigkill_resumes_without_redoing_finished_rows(tmp_pat
 
 
 def _slow_sweep(tmp_path, table_id):
-    table = _minimal_table(id=table_id, rows=[{"name": "first", "overrides": {"x": 1}, "published": None},
+    table = minimal_table(id=table_id, rows=[{"name": "first", "overrides": {"x": 1}, "published": None},
                                               {"name": "second", "overrides": {"x": 2}, "published": None}],
                            expect=[])
     table_path = tmp_path / f"{table_id}.json"
     table_path.write_text(json.dumps(table))
-    nb = _write_notebook(tmp_path / "slow.ipynb", DUMMY_PARAMS, SLOW_BODY)
+    nb = write_notebook(tmp_path / "slow.ipynb", DUMMY_PARAMS, SLOW_BODY)
     out = tmp_path / "out"
     (out / table_id).mkdir(parents=True)
     return table_path, nb, out

@@ -516,6 +516,21 @@ def cmd_bench_regimes(args) -> int:
     return 0
 
 
+def cmd_bench_executors(args) -> int:
+    """``bench executors``: seconds per run the Ray executor adds over the local one (a do-nothing notebook)."""
+    from onestage.experiments.executors import executor_overhead
+
+    r = executor_overhead(runs=4, rounds=max(2, args.repeats // 5))
+    print(f"local: {r['local_median_s_per_run']:.2f} s/run {r['local_s_per_run']}; ray: "
+          f"{r['ray_median_s_per_run']:.2f} s/run {r['ray_s_per_run']} (each sweep of {r['runs_per_sweep']} runs, "
+          f"the Ray one starting its local instance); ray − local: {r['ray_minus_local_s_per_run']:+.2f} s/run")
+    if args.json:
+        from onestage.experiments.records import write_json_atomic
+
+        write_json_atomic(args.json, {"executors": r})
+    return 0
+
+
 def cmd_bench(args) -> int:
     from onestage import bench
 
@@ -523,8 +538,10 @@ def cmd_bench(args) -> int:
         return cmd_bench_train(args)
     if list(args.targets) == ["regimes"]:
         return cmd_bench_regimes(args)
-    if "train" in args.targets or "regimes" in args.targets:
-        raise UserError("'bench train' and 'bench regimes' take no other target")
+    if list(args.targets) == ["executors"]:
+        return cmd_bench_executors(args)
+    if {"train", "regimes", "executors"} & set(args.targets):
+        raise UserError("'bench train', 'bench regimes' and 'bench executors' take no other target")
     targets = list(args.targets) or ["fcos", "condinst", "blendmask", "solov2", "mask-heads", "nms"]
     if "all" in targets:
         targets = list(BENCH_TARGETS)
@@ -726,7 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("targets", nargs="*", metavar="TARGET",
                    help=f"what to time: {', '.join(BENCH_TARGETS)} or all (default: every model, mask-heads and "
                         "nms); or 'train' alone (a training step's parts per model, preset and thread count) or "
-                        "'regimes' alone (training seconds to a target AP per preset)")
+                        "'regimes' alone (training seconds to a target AP per preset) or 'executors' alone (what the Ray "
+                        "executor adds per reproduce run over the local one)")
     b.add_argument("--size", type=int, default=512, help="square input side in pixels")
     b.add_argument("--repeats", type=int, default=10, help="timed runs (the median is reported)")
     b.add_argument("--warmup", type=int, default=3, help="untimed runs first")

@@ -20,6 +20,8 @@ small machines:
   the same model again: half the runs of such a table, and the two rows differ by their inference alone.
 * **A few runs at once** (``--workers``): each run lives in its own worker process (and its own kernel), started a
   few at a time so that the 2-core laptops this targets are not oversubscribed.
+* **Or on a cluster** (``--executor ray``): each run is a Ray task that executes the same notebook on a worker,
+  with the same semantics (:mod:`onestage.experiments.executors`, which also says what storage it needs).
 
 Results: ``<out>/<table>/<row>__seed<k>.json`` (+ ``.ipynb``, + a ``<row>__seed<k>/`` training folder).
 ``--report`` prints the aggregated table (see :mod:`onestage.experiments.aggregate`), reading ``--results-dir`` when
@@ -28,9 +30,7 @@ given (e.g. committed results in ``data/results/<table>/``).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import contextlib
-import multiprocessing
 import os
 import re
 import signal
@@ -41,6 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Sequence
 
+from onestage.cli_args import UserError
 from onestage.experiments.records import (
     RECORD_FORMAT,
     is_finished,
@@ -379,7 +380,8 @@ def die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=poll, name="die-with-parent", daemon=True).start()
 
 
-def run_jobs(jobs: list[dict], workers: int = 1, progress: bool = True) -> tuple[list[dict], bool]:
+def run_jobs(jobs: list[dict], workers: int = 1, progress: bool = True,
+             executor=None) -> tuple[list[dict], bool]:
     """Run ``jobs`` with at most ``workers`` at once; returns (summaries, interrupted).
 
     Jobs whose record is already finished are skipped (summary status ``"skipped"``); a job whose exact
@@ -387,8 +389,14 @@ def run_jobs(jobs: list[dict], workers: int = 1, progress: bool = True) -> tuple
     ``"shared"``, the record names its source) instead of training the same model again. A job that evaluates
     another run's weights (``weights_source``) starts only once that run has ended. Jobs are submitted lazily, so an
     interrupt only has to stop the loop: nothing queued needs cancelling.
+
+    ``executor`` says where the runs execute (:mod:`onestage.experiments.executors`): by default a
+    :class:`~onestage.experiments.executors.LocalExecutor` of ``workers`` processes; a ``RayExecutor`` runs each job
+    as a Ray task, as many at once as its cluster holds. The semantics above are the same for both.
     """
     from tqdm.auto import tqdm
+
+    from onestage.experiments.executors import LocalExecutor
 
     summaries = []
     todo = []
@@ -403,11 +411,10 @@ def run_jobs(jobs: list[dict], workers: int = 1, progress: bool = True) -> tuple
     if not todo:
         return summaries, False
     interrupted = False
-    bar = tqdm(total=len(todo), desc="runs", unit="run", disable=not progress)
     failures = 0
-    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked threads or sockets
-    with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=_worker_init,
-                                initargs=(os.getpid(),)) as pool:
+    ex = executor if executor is not None else LocalExecutor(workers)
+    with ex:
+        bar = tqdm(total=len(todo), desc=f"runs ({ex.name})", unit="run", disable=not progress)
         queue = list(todo)
         running: dict = {}
 
@@ -420,11 +427,11 @@ def run_jobs(jobs: list[dict], workers: int = 1, progress: bool = True) -> tuple
 
         def collect(done):
             nonlocal failures
-            for fut in done:
-                job = running.pop(fut)
+            for handle in done:
+                job = running.pop(handle)
                 try:
-                    s = fut.result()
-                except BaseException as e:  # the worker itself died
+                    s = ex.result(handle, job)
+                except BaseException as e:  # the worker (process or Ray task) itself died
                     s = {"row": job["row"], "seed": job["seed"], "status": "failed",
                          "error": f"worker crashed: {type(e).__name__}: {e}", "seconds": 0.0}
                     write_json_atomic(job["record_path"], {
@@ -438,25 +445,22 @@ def run_jobs(jobs: list[dict], workers: int = 1, progress: bool = True) -> tuple
 
         try:
             while True:
-                while not interrupted and len(running) < max(1, workers):
+                while not interrupted and len(running) < ex.slots:
                     job = next_ready()
                     if job is None:
                         break
-                    running[pool.submit(execute_job, job)] = job
+                    running[ex.submit(job)] = job
                 if not running:
                     break
-                done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                collect(done)
+                collect(ex.wait_any(running))
         except KeyboardInterrupt:
             interrupted = True
             bar.write(f"Interrupted: no new runs; waiting for {len(running)} running (Ctrl-C again to abandon them).")
             try:
-                collect(cf.wait(running).done)
+                collect(ex.wait_all(running))
             except KeyboardInterrupt:
                 bar.write("Abandoning running runs; their records are not written.")
-                for p in list(getattr(pool, "_processes", {}).values()):
-                    p.terminate()
-                pool.shutdown(wait=False, cancel_futures=True)
+                ex.abandon(running)
         finally:
             bar.close()
     return summaries, interrupted
@@ -501,6 +505,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per run (sets OMP_NUM_THREADS for the kernels); with --workers K, "
                              "K runs × N threads should not exceed the cores")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="where runs execute: local worker processes (default) or tasks on a Ray cluster "
+                             "(pip install -e '.[ray]')")
+    parser.add_argument("--address", default=None,
+                        help="with --executor ray: the cluster to join (e.g. 'auto' or 'ray://HEAD:10001'; "
+                             "default: start a local Ray instance for the sweep)")
+    parser.add_argument("--cpus-per-run", type=float, default=1.0,
+                        help="with --executor ray: CPUs each run reserves (default: 1; also its OMP_NUM_THREADS "
+                             "unless --threads is given)")
+    parser.add_argument("--gpus-per-run", type=float, default=0.0,
+                        help="with --executor ray: GPUs each run reserves (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -511,7 +526,7 @@ def parse_train_set(items: Sequence[str]) -> dict:
     typo fails before anything runs."""
     import dataclasses
 
-    from onestage.cli_args import UserError, parse_sets
+    from onestage.cli_args import parse_sets
     from onestage.config import TrainConfig
 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -604,7 +619,21 @@ def run(args: argparse.Namespace) -> int:
                   f"{shared}")
         return 0
 
-    summaries, interrupted = run_jobs(jobs, workers=args.workers, progress=not args.no_progress)
+    executor = None
+    if getattr(args, "executor", "local") == "ray":
+        from onestage.experiments.executors import RayExecutor
+
+        try:
+            executor = RayExecutor(args.address, args.cpus_per_run, args.gpus_per_run, threads=args.threads)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    try:
+        summaries, interrupted = run_jobs(jobs, workers=args.workers, progress=not args.no_progress,
+                                          executor=executor)
+    except UserError as e:  # e.g. Ray missing, or a cluster too small for one run
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(runs_table(summaries))
     from onestage.experiments.aggregate import report
 
