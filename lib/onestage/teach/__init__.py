@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -185,7 +185,7 @@ def _run(name: str, fn: Callable, cases: Sequence[Case], hint: str, atol: float 
     result = None
     for n, case in enumerate(cases, start=1):
         inputs = ", ".join(f"{k}={_fmt(v)}" for k, v in case.inputs.items())
-        inputs = f"{case.label}: {name_of(fn)}({inputs})"
+        inputs = f"{case.label}: {_name_of(fn)}({inputs})"
         try:
             got = fn(**{k: _copy(v) for k, v in case.inputs.items()})
         except NotImplementedError:
@@ -207,7 +207,7 @@ def _run(name: str, fn: Callable, cases: Sequence[Case], hint: str, atol: float 
     return result
 
 
-def name_of(fn: Callable) -> str:
+def _name_of(fn: Callable) -> str:
     return getattr(fn, "__name__", "your_function")
 
 
@@ -366,7 +366,7 @@ def check_spearman(fn: Callable, verbose: bool = True) -> CheckResult:
         cases.append(Case(f"random case {k + 1}", dict(a=a, b=b), _lib_spearman(a, b)))
     return _run("check_spearman", fn, cases,
                 "Spearman's ρ is the Pearson correlation of the ranks of a and of b (ties get the average rank); the "
-                "notebook's §2 uses it to ask whether center-ness and IoU order the candidates alike.",
+                "notebook's section 3 uses it to ask whether a score and IoU order the candidates alike.",
                 verbose=verbose)
 
 
