@@ -146,7 +146,8 @@ MISTAKES = [
     ("check_dynamic_head", dynamic_head_relu_last, ["random case", "CondInst §2", "none after the last"]),
     ("check_assign_levels", assign_levels_longer_side, ["thin 50×200 box", "SOLO §3.2", "sqrt(w·h)"]),
     ("check_center_region", center_region_sigma_half, ["random case", "SOLO §3.2", "σ = 0.2"]),
-    ("check_matrix_nms_decay", decay_without_compensation, ["random case", "SOLOv2 §3.3", "compensation"]),
+    ("check_matrix_nms_decay", decay_without_compensation, ["a 9-px duplicate inside it", "SOLOv2 §3.3",
+                                                            "the compensation"]),
 ]
 
 
@@ -172,6 +173,7 @@ def test_mistake_fails_with_a_precise_message(name, wrong, texts, capsys):
     for line in ("input:", "expected:", "got:", "hint:"):
         assert line in message
     assert result.expected != result.got
+    assert result.case_inputs is not None and wrong(**result.case_inputs) is not None  # can be rerun
     for text in texts:
         assert text in message, (text, message)
 

@@ -30,7 +30,7 @@ All checks share :func:`_run` (call the function on each case, stop at the first
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -60,7 +60,8 @@ INF = float("inf")
 @dataclass
 class CheckResult:
     """Outcome of one check: ``passed`` and the number of ``cases`` run; on a failure, the failing case's
-    ``inputs``, ``expected`` and ``got`` (as text, ``got`` saying where it differs) and the ``hint``."""
+    ``inputs``, ``expected`` and ``got`` (as text, ``got`` saying where it differs), the ``hint``, and the
+    inputs themselves in ``case_inputs`` (to rerun your function on them)."""
 
     name: str
     passed: bool
@@ -69,6 +70,7 @@ class CheckResult:
     expected: str = ""
     got: str = ""
     hint: str = ""
+    case_inputs: Optional[dict] = field(default=None, repr=False)
 
     def __bool__(self) -> bool:
         return self.passed
@@ -76,11 +78,11 @@ class CheckResult:
     def __str__(self) -> str:
         if self.passed:
             return f"{self.name}: passed: {self.cases} cases"
-        return "\n".join([f"{self.name}: FAILED on case {self.cases}",
-                          f"  input:    {self.inputs}",
-                          f"  expected: {self.expected}",
-                          f"  got:      {self.got}",
-                          f"  hint:     {self.hint}"])
+        lines = [f"{self.name}: FAILED on case {self.cases}", f"  input:    {self.inputs}",
+                 f"  expected: {self.expected}", f"  got:      {self.got}", f"  hint:     {self.hint}"]
+        if "tensor of shape" in self.inputs:
+            lines.append("  (the returned result's .case_inputs holds the full inputs)")
+        return "\n".join(lines)
 
     __repr__ = __str__
 
@@ -97,6 +99,7 @@ class Case:
 
 
 def _fmt(v: Any) -> str:
+    """Short text of an input or a result: small tensors in full (4 decimals), large ones by shape."""
     if isinstance(v, Tensor):
         if v.numel() <= 48:
             data = v.tolist()
@@ -106,8 +109,9 @@ def _fmt(v: Any) -> str:
         return f"tensor of shape {tuple(v.shape)}"
     if isinstance(v, float):
         return f"{v:.6g}"
-    if isinstance(v, (list, tuple)) and any(isinstance(x, Tensor) for x in v):
-        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    if isinstance(v, (list, tuple)):
+        items = ", ".join(_fmt(x) for x in v)
+        return f"[{items}]" if isinstance(v, list) else f"({items}{',' if len(v) == 1 else ''})"
     return repr(v)
 
 
@@ -182,26 +186,21 @@ def _copy(v: Any) -> Any:
 def _run(name: str, fn: Callable, cases: Sequence[Case], hint: str, atol: float = 1e-5,
          verbose: bool = True) -> CheckResult:
     """Call ``fn(**case.inputs)`` on every case in order; stop at the first mismatch (or exception)."""
-    result = None
+    result = CheckResult(name, True, len(cases))
     for n, case in enumerate(cases, start=1):
-        inputs = ", ".join(f"{k}={_fmt(v)}" for k, v in case.inputs.items())
-        inputs = f"{case.label}: {_name_of(fn)}({inputs})"
         try:
             got = fn(**{k: _copy(v) for k, v in case.inputs.items()})
         except NotImplementedError:
-            result = CheckResult(name, False, n, inputs, _fmt(case.expected), "NotImplementedError (not written yet)",
-                                 case.hint or hint)
-            break
+            diff = _fmt(case.expected), "NotImplementedError (not written yet)"
         except Exception as exc:  # noqa: BLE001 — the student's error is part of the report
-            result = CheckResult(name, False, n, inputs, _fmt(case.expected), f"raised {type(exc).__name__}: {exc}",
-                                 case.hint or hint)
-            break
-        diff = _difference(case.expected, got, atol)
+            diff = _fmt(case.expected), f"raised {type(exc).__name__}: {exc}"
+        else:
+            diff = _difference(case.expected, got, atol)
         if diff is not None:
-            result = CheckResult(name, False, n, inputs, diff[0], diff[1], case.hint or hint)
+            call = ", ".join(f"{k}={_fmt(v)}" for k, v in case.inputs.items())
+            result = CheckResult(name, False, n, f"{case.label}: {_name_of(fn)}({call})", diff[0], diff[1],
+                                 case.hint or hint, case.inputs)
             break
-    if result is None:
-        result = CheckResult(name, True, len(cases))
     if verbose:
         print(result)
     return result
@@ -304,7 +303,8 @@ def check_center_sampling(fn: Callable, verbose: bool = True) -> CheckResult:
                                                strides=torch.tensor([8.0]), radius=1.5), torch.tensor([[True]])),
         Case("hand-made, 1.5 strides right of the centre (on the square's border)",
              dict(locations=torch.tensor([[62.0, 50.0]]), boxes=box, strides=torch.tensor([8.0]), radius=1.5),
-             torch.tensor([[False]]), hint="Strictly inside: a location on the border of the square is not a "
+             torch.tensor([[False]]), hint="Center sampling (FCOS journal version, arXiv 2006.09214) keeps "
+                                           "locations strictly inside the square: one on its border is not a "
                                            "candidate (all four distances must be > 0)."),
         Case("hand-made, outside a small box but within 1.5 strides of its centre",
              dict(locations=torch.tensor([[15.0, 5.0]]), boxes=small, strides=torch.tensor([8.0]), radius=1.5),
@@ -593,7 +593,9 @@ def check_center_region(fn: Callable, verbose: bool = True) -> CheckResult:
         mask, box = _random_mask(g, 64, 96)
         s = (4, 8, 12, 16)[k % 4]
         cells = center_region_cells(mask, box, (64, 96), s, 0.2)
-        cases.append(Case(f"random case {k + 1} (an L-shaped mask on a 64×96 canvas)",
+        cy, cx = cells.mass_center
+        cases.append(Case(f"random case {k + 1} (an L-shaped mask on a 64×96 canvas, centre of mass at row "
+                          f"{cy:.2f}, column {cx:.2f})",
                           dict(mask=mask, box=box, canvas_hw=(64, 96), num_grid=s, sigma=0.2),
                           (cells.top, cells.bottom, cells.left, cells.right)))
     return _run("check_center_region", fn, cases,
@@ -608,11 +610,19 @@ def check_matrix_nms_decay(fn: Callable, verbose: bool = True) -> CheckResult:
     ``N`` → ``N`` decay factors (mask j's score is multiplied by the j-th). Compared with the column minimum of the
     gaussian decay matrix of :func:`onestage.modeling.solo.matrix_nms_decay`."""
     one = torch.ones(1, 2, 2)
+    nested = torch.zeros(3, 1, 10)
+    nested[0, 0, :10] = nested[1, 0, :9] = nested[2, 0, :5] = 1
     cases = [Case("hand-made, two identical masks", dict(masks=torch.cat([one, one]), labels=torch.tensor([0, 0]),
                                                          sigma=2.0), torch.tensor([1.0, math.exp(-2.0)])),
              Case("hand-made, two identical masks of different classes",
                   dict(masks=torch.cat([one, one]), labels=torch.tensor([0, 1]), sigma=2.0), torch.tensor([1.0, 1.0]),
-                  hint="SOLOv2 §3.3: masks of different classes never decay each other.")]
+                  hint="SOLOv2 §3.3: masks of different classes never decay each other."),
+             Case("hand-made, 1×10 masks: a 10-px mask, a 9-px duplicate inside it, a 5-px part of both",
+                  dict(masks=nested, labels=torch.tensor([0, 0, 0]), sigma=2.0),
+                  torch.tensor([1.0, math.exp(-2.0 * 0.81), math.exp(-0.5)]),
+                  hint="SOLOv2 §3.3, the compensation: mask 1 is itself a duplicate of mask 0 (IoU 0.9), so its "
+                       "IoU with mask 2 (5/9) is compensated — f(5/9)/f(comp_1 = 0.9) > 1 — and only mask 0 "
+                       "decays mask 2: f(0.5) = exp(−0.5).")]
     g = _gen(15)
     for k in range(5):
         n = 5
