@@ -491,8 +491,8 @@ def check_parse_dynamic_params(fn: Callable, verbose: bool = True) -> CheckResul
         cases.append(Case(f"random case {k + 1}", dict(params=params, in_channels=cin, channels=ch, num_layers=nl),
                           (w, b)))
     return _run("check_parse_dynamic_params", fn, cases,
-                "CondInst §3.2 and the authors' layout: all the weights first, layer after layer (each C_out×C_in, "
-                "row-major), then all the biases; the last layer has one output channel.", verbose=verbose)
+                "CondInst §2.2 and the authors' layout (AdelaiDet parse_dynamic_params): all the weights first, "
+                "layer after layer (each C_out×C_in, row-major), then all the biases; the last layer has one output channel.", verbose=verbose)
 
 
 def check_relative_coordinates(fn: Callable, verbose: bool = True) -> CheckResult:
