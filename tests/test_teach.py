@@ -139,7 +139,7 @@ MISTAKES = [
     ("check_yolact_blend", yolact_sigmoid, ["hand-made", "BlendMask §4.1", "softmax"]),
     ("check_fcis_attention", fcis_transposed, ["hand-made, 2×2 grid", "BlendMask §4.1", "k = i·g + j"]),
     ("check_num_dynamic_params", num_params_without_biases, ["the defaults", "CondInst §3.2", "169"]),
-    ("check_parse_dynamic_params", parse_interleaved, ["hand-made, 2 → 2 → 1", "CondInst §3.2",
+    ("check_parse_dynamic_params", parse_interleaved, ["hand-made, 2 → 2 → 1", "CondInst §2.2",
                                                        "all the weights first"]),
     ("check_relative_coordinates", relative_coordinates_unnormalised, ["hand-made", "CondInst §2.2",
                                                                        "size_of_interest"]),
