@@ -420,11 +420,12 @@ def test_experiment_notebook_parameters_are_literals_and_match_the_runner():
         assert isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
         ast.literal_eval(stmt.value)  # raises on anything but a literal
         names.append(stmt.targets[0].id)
-    assert sorted(names) == sorted(runner.RUNNER_PARAMETERS)
+    assert sorted(names) == sorted(runner.RUNNER_PARAMETERS + runner.OPTIONAL_RUNNER_PARAMETERS)
     # papermill's own parser must see every one of them too (it silently drops lines it cannot parse)
     import papermill
 
-    assert set(papermill.inspect_notebook(str(EXPERIMENT_NB))) == set(runner.RUNNER_PARAMETERS)
+    assert set(papermill.inspect_notebook(str(EXPERIMENT_NB))) == set(runner.RUNNER_PARAMETERS
+                                                                       + runner.OPTIONAL_RUNNER_PARAMETERS)
 
 
 def _engine_ready() -> bool:
@@ -464,6 +465,29 @@ def test_experiment_notebook_runs_quick(tmp_path):
     again = backfill_errors(rec, tmp_path / "run")
     assert again["errors"] == stored and again["errors_backfilled"]["from"].endswith("final.pt")
     assert backfill_errors(rec, tmp_path / "run") is None  # already has one
+
+
+def test_a_run_can_be_one_ddp_training(tmp_path):
+    """``nproc_per_node`` > 1 (``reproduce --nproc-per-run``): the notebook trains through torchrun (2 gloo processes
+    here) with exactly its configuration, then evaluates the weights; the plan passes the parameter only then."""
+    import papermill
+
+    rec = tmp_path / "record.json"
+    papermill.execute_notebook(str(EXPERIMENT_NB), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                               parameters={"quick": True, "out_dir": str(tmp_path / "run"), "record_path": str(rec),
+                                           "nproc_per_node": 2, "train_overrides": {"max_iters": 3}},
+                               execution_timeout=600, progress_bar=False, cwd=str(REPO))
+    r = json.loads(rec.read_text())
+    assert r["status"] == "finished" and r["iterations"] == 3
+    assert set(r["metrics"]["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["world_size"] == 2
+    trained = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert trained["world_size"] == 2
+    assert json.loads(json.dumps(trained["train_cfg"])) == json.loads(json.dumps(r["config"]["train_cfg"]))
+    table = load_table("fcos_centerness")
+    one, two = (runner.plan_runs(table, seeds=1, out=tmp_path, nproc_per_run=n)[0] for n in (1, 2))
+    assert "nproc_per_node" not in one["parameters"] and two["parameters"]["nproc_per_node"] == 2
+    assert one["config_key"] != two["config_key"]  # a distributed run is another run
 
 
 def test_train_set_overrides_are_parsed_checked_and_reach_every_job(tmp_path):

@@ -103,8 +103,10 @@ class RayExecutor:
     an interrupt has nothing queued to cancel. ``threads`` (default ``cpus_per_run``) sets ``OMP_NUM_THREADS`` in the
     tasks' environment.
 
-    A run that needs several GPUs as one DDP training is a task with ``gpus_per_run > 1``: the notebook's training
-    then sees that many devices (Ray sets ``CUDA_VISIBLE_DEVICES`` for the task)."""
+    A run that is one DDP training over several GPUs is a task with ``gpus_per_run = N`` planned with
+    ``nproc_per_run = N`` (``reproduce --gpus-per-run N --nproc-per-run N``): Ray sets ``CUDA_VISIBLE_DEVICES`` to the
+    task's N GPUs and the notebook trains through ``torchrun --standalone`` with one process per GPU
+    (:func:`onestage.experiments.experiment.train_distributed`)."""
 
     name = "ray"
 

@@ -164,6 +164,31 @@ def load_trained_weights(model, run_dir) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+def train_distributed(model: str, preset: str, data: str, overrides: dict, train_cfg, out_dir,
+                      nproc_per_node: int, resume: bool = False) -> list:
+    """Train one run as a DDP job of ``nproc_per_node`` processes on this node: ``torchrun --standalone`` of
+    ``python -m onestage train`` with the run's model, preset, data, model overrides and *every* field of its
+    ``train_cfg`` (so the distributed run trains exactly the configuration the notebook built; the batch is split over
+    the processes, see :func:`onestage.engine.train.train`), into ``out_dir``, resuming its ``last.pt`` when
+    ``resume``. The engine picks gloo on CPU and NCCL with one GPU per process. Its output streams into the
+    notebook; a failed training raises ``subprocess.CalledProcessError``. Returns the command it ran."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={int(nproc_per_node)}",
+           "-m", "onestage", "train", "--model", model, "--preset", preset, "--data", data, "--out", str(out_dir),
+           "--no-progress"]
+    if resume:
+        cmd.append("--resume")  # the model is the checkpoint's; --set is refused on a resume
+    else:
+        for k, v in overrides.items():
+            cmd += ["--set", f"{k}={v!r}"]
+    for k, v in train_cfg.to_dict().items():
+        cmd += ["--train-set", f"{k}={v!r}"]
+    subprocess.run(cmd, check=True)
+    return cmd
+
+
 def pick_metrics(metrics: dict) -> dict:
     """Keep the COCO summary numbers per IoU type (bbox, segm): AP, AP50, AP75, APs, APm, APl."""
     keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")

@@ -56,6 +56,9 @@ from onestage.experiments.tables import PaperTable, TableError, list_tables, loa
 #: The parameter names the runner passes; the experiment notebook's ``parameters`` cell must define each of them.
 RUNNER_PARAMETERS = ("model", "preset", "data", "seed", "overrides", "train_overrides", "out_dir", "record_path",
                      "quick", "weights_from")
+#: Parameters passed only when a run needs them (so notebooks without them still run the plain sweeps); the experiment
+#: notebook defines them all: ``nproc_per_node`` (``--nproc-per-run``, each run one DDP training).
+OPTIONAL_RUNNER_PARAMETERS = ("nproc_per_node",)
 PRESETS = ("cpu", "fast", "smoke", "paper")
 DEFAULT_TIMEOUT_S = 4 * 3600
 TRACEBACK_LINES = 40
@@ -101,9 +104,12 @@ def plan_runs(
     kernel: str = "python3",
     cwd: Optional[Path] = None,
     train_overrides: Optional[dict] = None,
+    nproc_per_run: int = 1,
 ) -> list[dict]:
     """One job dict per (row, seed): everything a worker needs, all paths absolute, all values JSON-able (tuples
-    become lists: papermill would pass a tuple to the notebook as its string)."""
+    become lists: papermill would pass a tuple to the notebook as its string). ``nproc_per_run > 1`` makes each run
+    one DDP training over that many processes (the notebook's ``nproc_per_node``, passed only then, and part of the
+    run's key: a distributed run is another run)."""
     import json
 
     train_overrides = json.loads(json.dumps(train_overrides or {}))
@@ -126,6 +132,8 @@ def plan_runs(
                 "quick": bool(quick),
                 "weights_from": "",
             }
+            if nproc_per_run > 1:
+                params["nproc_per_node"] = int(nproc_per_run)
             jobs.append({
                 "config_key": config_key(params),
                 "train_key": train_key(params),
@@ -189,7 +197,8 @@ def _run_digest(params: dict, view) -> Optional[str]:
     except (TypeError, ValueError):
         return None  # an unknown override: the run itself will fail loudly and be recorded as failed
     blob = json.dumps({"model": params["model"], "preset": effective, "cfg": cfg, "data": params["data"],
-                       "seed": params["seed"], "train": params["train_overrides"], "quick": bool(params["quick"])},
+                       "seed": params["seed"], "train": params["train_overrides"], "quick": bool(params["quick"]),
+                       **({"nproc": params["nproc_per_node"]} if params.get("nproc_per_node", 1) > 1 else {})},
                       sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()
 
@@ -516,6 +525,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "unless --threads is given)")
     parser.add_argument("--gpus-per-run", type=float, default=0.0,
                         help="with --executor ray: GPUs each run reserves (default: 0)")
+    parser.add_argument("--nproc-per-run", type=int, default=1,
+                        help="each run is one DDP training over this many processes (torchrun inside the run; one "
+                             "per GPU with --gpus-per-run, gloo on CPU); default 1")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -592,8 +604,8 @@ def run(args: argparse.Namespace) -> int:
     if table.kind == "statistics":
         return run_statistics(table, args)
 
-    if args.seeds < 1 or args.workers < 1:
-        print("error: --seeds and --workers must be >= 1", file=sys.stderr)
+    if args.seeds < 1 or args.workers < 1 or getattr(args, "nproc_per_run", 1) < 1:
+        print("error: --seeds, --workers and --nproc-per-run must be >= 1", file=sys.stderr)
         return 2
     if args.threads is not None:
         if args.threads < 1:
@@ -603,7 +615,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         jobs = plan_runs(table, seeds=args.seeds, preset=args.preset, data=args.data, out=args.out, rows=args.rows,
                          quick=args.quick, notebook=args.notebook, timeout=args.timeout, kernel=args.kernel,
-                         train_overrides=parse_train_set(getattr(args, "train_set", [])))
+                         train_overrides=parse_train_set(getattr(args, "train_set", [])),
+                         nproc_per_run=getattr(args, "nproc_per_run", 1))
         if not jobs:
             raise TableError(f"table {table.id!r}: no rows to run")
         validate_parameters(Path(jobs[0]["notebook"]), list(jobs[0]["parameters"]))
