@@ -2,6 +2,7 @@
 they exercise the runner without training anything."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nbformat
@@ -53,3 +54,17 @@ with open(log, "a") as f:
 if overrides["x"] == 2 and pathlib.Path(out_dir).parent.joinpath("SLOW").exists():
     time.sleep(120)  # the sweep is killed while this row runs
 write_json_atomic(record_path, {"status": "finished", "seed": seed, "metrics": {"bbox": {"AP": float(overrides["x"])}}})"""
+
+
+def slow_sweep(tmp_path: Path, table_id: str):
+    """A two-row table ``table_id`` on the SLOW_BODY notebook (row "second" sleeps while ``<out>/<table>/SLOW``
+    exists): ``(table path, notebook, results root)``, the table folder created."""
+    table = minimal_table(id=table_id, rows=[{"name": "first", "overrides": {"x": 1}, "published": None},
+                                              {"name": "second", "overrides": {"x": 2}, "published": None}],
+                           expect=[])
+    table_path = tmp_path / f"{table_id}.json"
+    table_path.write_text(json.dumps(table))
+    nb = write_notebook(tmp_path / "slow.ipynb", DUMMY_PARAMS, SLOW_BODY)
+    out = tmp_path / "out"
+    (out / table_id).mkdir(parents=True)
+    return table_path, nb, out

@@ -17,7 +17,7 @@ import pytest
 from onestage.experiments import aggregate, runner
 from onestage.experiments.records import iter_records, read_record, record_path, write_json_atomic
 from onestage.experiments.tables import TableError, list_tables, load_table, validate_table
-from sweep_helpers import DUMMY_BODY, DUMMY_PARAMS, SLOW_BODY, minimal_table, write_notebook
+from sweep_helpers import DUMMY_BODY, DUMMY_PARAMS, minimal_table, slow_sweep, write_notebook
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT_NB = REPO / "notebooks" / "experiment.ipynb"
@@ -511,14 +511,7 @@ def test_sweep_killed_with_sigkill_resumes_without_redoing_finished_rows(tmp_pat
     import sys
     import time
 
-    table = minimal_table(id="killme", rows=[{"name": "first", "overrides": {"x": 1}, "published": None},
-                                              {"name": "second", "overrides": {"x": 2}, "published": None}],
-                           expect=[])
-    table_path = tmp_path / "killme.json"
-    table_path.write_text(json.dumps(table))
-    nb = write_notebook(tmp_path / "slow.ipynb", DUMMY_PARAMS, SLOW_BODY)
-    out = tmp_path / "out"
-    (out / "killme").mkdir(parents=True)
+    table_path, nb, out = slow_sweep(tmp_path, "killme")
     (out / "killme" / "SLOW").touch()
     argv = [sys.executable, "-m", "onestage", "reproduce", str(table_path), "--notebook", str(nb), "--out", str(out),
             "--timeout", "300", "--no-progress"]
@@ -539,18 +532,6 @@ def test_sweep_killed_with_sigkill_resumes_without_redoing_finished_rows(tmp_pat
     assert read_record(record_path(out, "killme", "second", 0))["metrics"]["bbox"]["AP"] == 2.0
 
 
-def _slow_sweep(tmp_path, table_id):
-    table = minimal_table(id=table_id, rows=[{"name": "first", "overrides": {"x": 1}, "published": None},
-                                              {"name": "second", "overrides": {"x": 2}, "published": None}],
-                           expect=[])
-    table_path = tmp_path / f"{table_id}.json"
-    table_path.write_text(json.dumps(table))
-    nb = write_notebook(tmp_path / "slow.ipynb", DUMMY_PARAMS, SLOW_BODY)
-    out = tmp_path / "out"
-    (out / table_id).mkdir(parents=True)
-    return table_path, nb, out
-
-
 def test_workers_and_kernels_die_with_a_killed_driver(tmp_path):
     """Issue 21 item 10: SIGKILL of the driver alone (not its process group) used to leave its pool worker (and
     the kernel under it) training the row; a rerun started at once trained the same row beside them."""
@@ -562,7 +543,7 @@ def test_workers_and_kernels_die_with_a_killed_driver(tmp_path):
 
     import psutil
 
-    table_path, nb, out = _slow_sweep(tmp_path, "orphans")
+    table_path, nb, out = slow_sweep(tmp_path, "orphans")
     (out / "orphans" / "SLOW").touch()
     argv = [sys.executable, "-m", "onestage", "reproduce", str(table_path), "--notebook", str(nb), "--out", str(out),
             "--timeout", "300", "--no-progress"]
@@ -588,7 +569,7 @@ def test_workers_and_kernels_die_with_a_killed_driver(tmp_path):
 
 
 def test_a_run_locked_by_another_process_is_left_alone_and_reported(tmp_path, capsys):
-    table_path, nb, out = _slow_sweep(tmp_path, "busy")
+    table_path, nb, out = slow_sweep(tmp_path, "busy")
     second = record_path(out, "busy", "second", 0)
     with runner.run_lock(second) as mine:
         assert mine

@@ -18,7 +18,7 @@ import pytest
 
 from onestage.experiments import runner
 from onestage.experiments.records import read_record, record_path
-from sweep_helpers import SLOW_BODY, DUMMY_PARAMS, minimal_table, write_notebook
+from sweep_helpers import minimal_table, slow_sweep
 
 ray = pytest.importorskip("ray", reason="the Ray executor is an optional extra: pip install -e '.[ray]'")
 
@@ -80,14 +80,7 @@ def test_missing_cluster_resources_and_bad_options_fail_clearly(tmp_path, capsys
 def test_a_killed_ray_driver_loses_only_the_run_in_flight(tmp_path):
     """SIGKILL of the driver (and the Ray instance it started) mid-sweep; the rerun trains only what had not
     finished."""
-    table = minimal_table(id="raykill", rows=[{"name": "first", "overrides": {"x": 1}, "published": None},
-                                              {"name": "second", "overrides": {"x": 2}, "published": None}],
-                          expect=[])
-    table_path = tmp_path / "raykill.json"
-    table_path.write_text(json.dumps(table))
-    nb = write_notebook(tmp_path / "slow.ipynb", DUMMY_PARAMS, SLOW_BODY)
-    out = tmp_path / "out"
-    (out / "raykill").mkdir(parents=True)
+    table_path, nb, out = slow_sweep(tmp_path, "raykill")
     (out / "raykill" / "SLOW").touch()
     argv = [str(table_path), "--notebook", str(nb), "--out", str(out), "--timeout", "300", "--no-progress",
             "--executor", "ray", "--cpus-per-run", "2"]  # one run at a time on a 2-CPU instance
