@@ -134,6 +134,17 @@ def test_runner_records_failures_goes_on_and_resumes(dummy, capsys):
     assert good0.stat().st_mtime_ns == before
 
 
+def test_ray_executor_without_ray_says_how_to_install_it(dummy, capsys, monkeypatch):
+    import sys
+
+    table_path, nb, out = dummy
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as where the extra is missing
+    assert runner.main([str(table_path), "--notebook", str(nb), "--out", str(out), "--no-progress",
+                        "--executor", "ray"]) == 2
+    assert "pip install -e '.[ray]'" in capsys.readouterr().err
+    assert not list(out.glob("*/*.json"))  # nothing ran
+
+
 def test_unknown_parameter_names_are_rejected_before_launch(dummy, capsys):
     table_path, _, out = dummy
     tmp = table_path.parent
