@@ -8,7 +8,8 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from onestage.modeling.solo import SOLO, DecoupledSOLO, DecoupledSOLOConfig, SOLOConfig, mask_branch_memory
+from onestage.analysis.solo_memory import mask_branch_memory
+from onestage.modeling.solo import SOLO, DecoupledSOLO, DecoupledSOLOConfig, SOLOConfig
 from onestage.modeling.solov2 import SOLOv2, SOLOv2Config, dynamic_masks
 from onestage.viz.solo import (
     canvas_size,
