@@ -89,13 +89,6 @@ def ray_task(job: dict) -> dict:
             "notebook": out_nb.read_text(encoding="utf-8") if out_nb.is_file() else None}
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 class RayExecutor:
     """Each run a Ray task with ``cpus_per_run`` CPUs and ``gpus_per_run`` GPUs, on the cluster at ``address``
     (``None``: a local Ray instance started for the sweep; ``"auto"``: the cluster this machine belongs to). At most
@@ -120,7 +113,6 @@ class RayExecutor:
         self.slots = 1
         self._ray = None
         self._started = False
-        self._jobs: dict = {}
 
     def __enter__(self):
         try:
@@ -173,9 +165,7 @@ class RayExecutor:
             self._ray.shutdown()
 
     def submit(self, job: dict):
-        ref = self._task.remote(job)
-        self._jobs[ref] = job
-        return ref
+        return self._task.remote(job)
 
     def wait_any(self, handles) -> list:
         ready, _ = self._ray.wait(list(handles), num_returns=1)
@@ -188,14 +178,13 @@ class RayExecutor:
 
     def result(self, handle, job: dict) -> dict:
         """The run's summary; its record and executed notebook are written into the driver's results folder."""
-        self._jobs.pop(handle, None)
         out = self._ray.get(handle)
-        from onestage.experiments.records import write_json_atomic
+        from onestage.experiments.records import write_json_atomic, write_text_atomic
 
         if out["record"] is not None:
             write_json_atomic(job["record_path"], out["record"])
         if out["notebook"] is not None:
-            _write_text_atomic(Path(job["output_notebook"]), out["notebook"])
+            write_text_atomic(job["output_notebook"], out["notebook"])
         return out["summary"]
 
     def abandon(self, handles) -> None:

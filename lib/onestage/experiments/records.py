@@ -19,15 +19,14 @@ RECORD_FORMAT = "onestage-experiment-record-v1"
 _RECORD_NAME = re.compile(r"^(?P<row>.+)__seed(?P<seed>\d+)\.json$")
 
 
-def write_json_atomic(path: os.PathLike, obj) -> Path:
-    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder and ``os.replace``."""
+def write_text_atomic(path: os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temporary file in the same folder, flushed to disk, and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -36,6 +35,11 @@ def write_json_atomic(path: os.PathLike, obj) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def write_json_atomic(path: os.PathLike, obj) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically (:func:`write_text_atomic`)."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def repo_relative(obj, root: os.PathLike):
