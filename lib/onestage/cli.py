@@ -613,6 +613,37 @@ def cmd_site(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """``export``: the whole model as one ONNX graph (``onestage.export``)."""
+    import time
+
+    from onestage import export
+
+    ckpt, model = _load(args.checkpoint, "cpu")
+    if args.size:
+        size = tuple(args.size)
+    else:
+        test_min, _ = _test_sizes(ckpt)
+        size = (int(test_min if isinstance(test_min, int) else test_min[0]),) * 2
+    if min(size) < 32:
+        raise UserError(f"--size {size[0]} {size[1]}: at least 32×32")
+    try:
+        t0 = time.time()
+        path = export.export_onnx(model.eval(), Path(args.out), size=size)
+    except NotImplementedError as e:
+        raise UserError(str(e)) from e
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): input image 1×3×{size[0]}×{size[1]} float 0..1, "
+          f"outputs {', '.join(export.OnnxDetector(model).output_names)}; traced in {time.time() - t0:.1f} s")
+    if not args.no_verify:
+        try:
+            report = export.verify_onnx(model, path, size)
+        except ImportError as e:
+            print(f"not verified: {e}")
+        else:
+            print(report)
+    return 0
+
+
 # -------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -710,6 +741,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-size", type=int, default=None, help="long-side cap (default: from the checkpoint)")
     r.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     r.set_defaults(func=cmd_predict)
+
+    o = sub.add_parser("export", formatter_class=fmt, help="export a checkpoint as one ONNX graph",
+                       description="Trace a checkpoint into one ONNX graph (opset 17) from a 1x3xHxW 0..1 image to "
+                                   "boxes, scores, labels (and masks): backbone, heads, NMS and the mask heads "
+                                   "included. One graph per input size. With onnxruntime installed the graph is run "
+                                   "once beside the PyTorch model and the differences are printed.")
+    o.add_argument("checkpoint", help="path to an onestage checkpoint")
+    o.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
+    o.add_argument("--out", required=True, help="output file (.onnx)")
+    o.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="input size of the graph (default: the checkpoint's test size, square)")
+    o.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
+    o.set_defaults(func=cmd_export)
 
     m = sub.add_parser("demo", formatter_class=fmt, help="synthetic data -> train a model -> COCO AP -> picture",
                        description="Generate the synthetic dataset (once), train a model (FCOS by default) at the cpu "

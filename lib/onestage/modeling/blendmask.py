@@ -232,7 +232,9 @@ def pool_bases(bases: Tensor, boxes: Sequence[Tensor], resolution: int, stride: 
     continuous coordinate of pixel centres. ``roi_pool``: Fast R-CNN's quantised RoIPool (Table 6 "nearest").
     Returns ``ΣN×K×R×R`` in the order of the boxes, image after image.
     """
-    rois = torch.cat([torch.cat([b.new_full((len(b), 1), float(i)), b.to(bases.dtype)], dim=1)
+    boxes = [b.to(bases.dtype) for b in boxes]
+    # full_like, not new_full(len(b)): the batch index column stays traceable for the ONNX export
+    rois = torch.cat([torch.cat([torch.full_like(b[:, :1], float(i)), b], dim=1)
                       for i, b in enumerate(boxes)]) if len(boxes) else bases.new_zeros((0, 5))
     if pooler == "roi_pool":
         return roi_pool(bases, rois, output_size=resolution, spatial_scale=1.0 / stride)
