@@ -73,3 +73,18 @@ def test_solo_bench_keeps_its_candidate_masks(tmp_path):
                  str(path)]) == 0
     r = json.loads(path.read_text())["solo"]
     assert r["instances_onestage"] == 100 == r["instances_torchvision"]
+
+
+def test_onnx_column_times_the_exported_graph(capsys, tmp_path):
+    import pytest
+
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / "b.json"
+    assert main(["bench", "blendmask", "--size", "96", "--preset", "smoke", "--repeats", "1", "--warmup", "0",
+                 "--device", "cpu", "--onnx", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "onestage in onnxruntime" in out
+    r = json.loads(path.read_text())["blendmask"]
+    # the graph returns what the model returns on the same image: the forced 100 instances
+    assert r["instances_onnxruntime"] == r["instances_onestage"] == 100
+    assert r["onnxruntime_s"] > 0 and r["onnxruntime_ratio"] > 0

@@ -8,6 +8,9 @@ image to final detections. The transform's own cost is timed separately and prin
 
 With random weights, many locations pass the 0.05 score threshold, so post-processing (top-k, NMS) runs at its
 worst case in both models. Speed is reported as ratios, never asserted in tests.
+
+``onnx=True`` adds a column: our model exported as one ONNX graph (:mod:`onestage.export`) and run by onnxruntime on
+the CPU with as many threads as torch uses, on the same image (needs ``pip install -e '.[onnx]'``).
 """
 from __future__ import annotations
 
@@ -37,8 +40,25 @@ def _time(fn, repeats: int, warmup: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def _onnx_time(model, image: torch.Tensor, repeats: int, warmup: int) -> dict:
+    """Median seconds per image of ``model`` exported to ONNX and run by onnxruntime (CPU, torch's thread count),
+    and how many detections the graph returned."""
+    import tempfile
+    from pathlib import Path
+
+    from onestage import export
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export.export_onnx(model.cpu(), Path(tmp) / "model.onnx", tuple(image.shape[-2:]), check=False)
+        session = export.onnx_session(path, threads=torch.get_num_threads())
+        x = image.cpu()
+        n = int(export.run_onnx(session, x)["boxes"].shape[0])
+        t = _time(lambda: export.run_onnx(session, x), repeats, warmup, torch.device("cpu"))
+    return {"onnxruntime_s": t, "instances_onnxruntime": n}
+
+
 def run_bench(size: int = 512, repeats: int = 10, warmup: int = 3, device: Optional[str] = None,
-              preset: str = "paper", num_classes: int = 80, seed: int = 0) -> dict:
+              preset: str = "paper", num_classes: int = 80, seed: int = 0, onnx: bool = False) -> dict:
     """Median seconds per image for both models (and torchvision's transform alone); see the module doc."""
     import torchvision
     from torchvision.models.detection import fcos_resnet50_fpn
@@ -56,7 +76,11 @@ def run_bench(size: int = 512, repeats: int = 10, warmup: int = 3, device: Optio
         t_ours = _time(lambda: ours([image]), repeats, warmup, device)
         t_theirs = _time(lambda: theirs([image]), repeats, warmup, device)
         t_transform = _time(lambda: theirs.transform([image]), repeats, warmup, device)
-    return {
+    extra = {}
+    if onnx:
+        extra = _onnx_time(ours, image, repeats, warmup)
+        extra["onnxruntime_ratio"] = extra["onnxruntime_s"] / t_theirs
+    return {**extra,
         "device": str(device),
         "size": size,
         "repeats": repeats,
@@ -79,7 +103,8 @@ def format_bench(r: dict) -> str:
         f"  torchvision fcos_resnet50_fpn       : {r['torchvision_s'] * 1000:9.1f} ms/img"
         f"  (of which transform {r['torchvision_transform_s'] * 1000:.1f} ms)",
         f"  ratio onestage / torchvision        : {r['ratio']:9.2f}x",
-    ])
+    ] + ([f"  onestage FCOS in onnxruntime        : {r['onnxruntime_s'] * 1000:9.1f} ms/img  "
+          f"({r['onnxruntime_ratio']:.2f}x torchvision)"] if "onnxruntime_s" in r else []))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,7 +127,8 @@ def _force_detections(name: str, preset: str, num: int) -> dict:
 
 
 def run_mask_bench(name: str, size: int = 512, repeats: int = 10, warmup: int = 3, device: Optional[str] = None,
-                   preset: str = "paper", num_classes: int = 80, detections: int = 100, seed: int = 0) -> dict:
+                   preset: str = "paper", num_classes: int = 80, detections: int = 100, seed: int = 0,
+                   onnx: bool = False) -> dict:
     """Median seconds per image of onestage model ``name`` vs torchvision ``maskrcnn_resnet50_fpn``, both R-50-FPN
     with random weights, on one ``size×size`` image, each forced to output ``detections`` instances with masks
     (score thresholds 0, ``detections_per_img`` = ``box_detections_per_img`` = ``detections``), so the mask heads
@@ -135,7 +161,11 @@ def run_mask_bench(name: str, size: int = 512, repeats: int = 10, warmup: int = 
         n_theirs = int(theirs([image])[0]["masks"].shape[0])
         t_ours = _time(lambda: ours([image]), repeats, warmup, device)
         t_theirs = _time(lambda: theirs([image]), repeats, warmup, device)
-    return {"model": name, "device": str(device), "size": size, "repeats": repeats, "preset": preset,
+    extra = {}
+    if onnx:
+        extra = _onnx_time(ours, image, repeats, warmup)
+        extra["onnxruntime_ratio"] = extra["onnxruntime_s"] / t_theirs
+    return {**extra, "model": name, "device": str(device), "size": size, "repeats": repeats, "preset": preset,
             "torch": torch.__version__, "torchvision": torchvision.__version__, "onestage_s": t_ours,
             "torchvision_s": t_theirs, "ratio": t_ours / t_theirs, "instances_onestage": n_ours,
             "instances_torchvision": n_theirs}
@@ -150,7 +180,9 @@ def format_mask_bench(r: dict) -> str:
         f"  {'torchvision maskrcnn_resnet50_fpn':<36}: {r['torchvision_s'] * 1000:9.1f} ms/img  "
         f"({r['instances_torchvision']} instances)",
         f"  {'ratio onestage / torchvision':<36}: {r['ratio']:9.2f}x",
-    ])
+    ] + ([f"  {'onestage in onnxruntime':<36}: {r['onnxruntime_s'] * 1000:9.1f} ms/img  "
+          f"({r['instances_onnxruntime']} instances, {r['onnxruntime_ratio']:.2f}x torchvision)"]
+         if "onnxruntime_s" in r else []))
 
 
 def time_mask_heads(num_instances: int = 100, image_size: tuple = (800, 1333), settings=((3, 8, 8),),
