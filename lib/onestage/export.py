@@ -11,22 +11,30 @@ What is in the graph: normalisation and the zero padding to the model's ``size_d
 heads, the FCOS family's thresholding, per-level top-k, box decoding and class-aware NMS (ONNX
 ``NonMaxSuppression`` through torchvision's ``nms``), CondInst's per-instance dynamic heads on F_mask with their
 relative coordinates and ``aligned_bilinear`` upsampling, BlendMask's RoIAlign of the bases, attention
-interpolation, softmax blend and the paste into the image.
+interpolation, softmax blend and the paste into the image. For the SOLO family (SOLO, Decoupled SOLO, SOLOv2): the
+category and mask branches, point NMS and the score threshold, each candidate cell's mask at stride 4 (vanilla SOLO
+its channel, decoupled SOLO σ(y_i)·σ(x_j), SOLOv2 its dynamic kernel on F), the area filter and maskness, the
+pre-NMS top-k, Matrix NMS, the final top-k, the bilinear upsampling to the image and the masks' tight boxes
+(greedy mask NMS, ``nms="mask"``, is refused).
 
 How: the model is traced (``torch.onnx.export(dynamo=False)``, opset 17) through :class:`OnnxDetector`, which calls the
 model's own modules and functions (``backbone``, ``head``, ``compute_locations``, ``controller_params``,
-``parse_dynamic_params`` / ``coordinate_maps``, ``pool_bases``, ``blend``, ``aligned_bilinear``) and re-expresses
+``parse_dynamic_params`` / ``coordinate_maps``, ``pool_bases``, ``blend``, ``aligned_bilinear``, ``level_features``,
+``cate_scores``, ``dynamic_masks``, ``matrix_nms``) and re-expresses
 only what tracing cannot record as written in the PyTorch path — data-dependent branches and Python loops over
 detections — as fixed-shape tensor code: masked top-k instead of "threshold, then top-k if more", the grouped
 convolution of the dynamic heads as a batched matrix product, and the paste of BlendMask's masks as one
-``grid_sample`` per detection over the whole image, cut to the box's integer rectangle as detectron2's paste does.
-``tests/test_export.py`` checks every model's graph against ``model(images)`` with onnxruntime.
+``grid_sample`` per detection over the whole image, cut to the box's integer rectangle as detectron2's paste does;
+the SOLO family's masks as one boolean selection of the candidates per level (no "skip an empty level", no scatter
+back), Matrix NMS's input with two blank rows appended so that ``matrix_nms`` stays on its general path whatever the
+trace image detects, and ``masks_to_boxes``'s in-place zeroing of empty masks' boxes as a ``where``.
+``tests/test_export.py`` (FCOS family) and ``tests/test_export_solo.py`` (SOLO family) check every model's graph
+against ``model(images)`` with onnxruntime.
 
 Optional: needs the ``onnx`` package to check the graph and ``onnxruntime`` to run it (``pip install -e '.[onnx]'``).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -35,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["OnnxDetector", "export_onnx", "onnx_session", "run_onnx", "EXPORT_OPSET", "fcos_detections",
-           "compare_detections", "verify_onnx"]
+           "solo_detections", "compare_detections", "verify_onnx"]
 
 #: ONNX opset of the exported graphs: 16 is the first with ``GridSample`` and ``RoiAlign``'s half-pixel mode.
 EXPORT_OPSET = 17
@@ -177,6 +185,163 @@ def _blendmask_masks(model, bases: Tensor, attns: Optional[Tensor], boxes: Tenso
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the SOLO family
+
+SOLO_FAMILY = ("SOLO", "DecoupledSOLO", "SOLOv2")
+
+
+def _with_blank_rows(x: Tensor, value) -> Tensor:
+    """``x`` with two more rows (first dimension) filled with ``value``, so that a function of the model sees at
+    least two rows whatever the trace image detects: with none it would take its ``if n == 0: return`` branch (and
+    the graph would keep that), with one the exporter records an ``out[order] = values`` of one element as a scalar
+    broadcast; and onnxruntime cannot ``reshape(0, -1)``."""
+    # torch.full + cast: the tracer has no new_full with a bool fill value
+    blank = torch.full((2,) + tuple(x.shape[1:]), float(value), device=x.device)
+    return torch.cat([x, blank.to(x.dtype)])
+
+
+def _resize_rows(x: Tensor, out_hw: Tuple[int, int]) -> Tensor:
+    """``onestage.modeling.solo._resize`` (bilinear, ``align_corners=False``; nothing when the size is already
+    right) with the rows as the batch instead of as channels of one image: the same numbers (every plane is
+    resampled alone), and PyTorch accepts zero rows in the batch but not zero channels."""
+    if tuple(x.shape[-2:]) == tuple(out_hw):
+        return x
+    return F.interpolate(x[:, None], size=tuple(out_hw), mode="bilinear", align_corners=False)[:, 0]
+
+
+def _masks_to_boxes(masks: Tensor) -> Tensor:
+    """:func:`onestage.structures.masks_to_boxes` (tight xyxy boxes on pixel edges, all zero for an empty mask) with
+    its ``boxes[empty] = 0`` written as a ``where``: the exporter records that boolean ``index_put`` as a ``Where``
+    that broadcasts the ``N`` flags along the boxes' last axis (wrong, and an error unless N is 1 or 4). The same
+    numbers; no ``if n == 0`` branch, so no blank row is needed."""
+    rows, cols = masks.any(dim=2), masks.any(dim=1)  # N×H, N×W
+    h, w = masks.shape[-2:]
+    ys = torch.arange(h, device=masks.device)
+    xs = torch.arange(w, device=masks.device)
+    big = max(h, w) + 1
+    y0 = torch.where(rows, ys, big).min(dim=1).values
+    y1 = torch.where(rows, ys, -1).max(dim=1).values + 1
+    x0 = torch.where(cols, xs, big).min(dim=1).values
+    x1 = torch.where(cols, xs, -1).max(dim=1).values + 1
+    boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
+    return torch.where(rows.any(dim=1)[:, None], boxes, torch.zeros_like(boxes))
+
+
+def solo_head_outputs(model, pyramid: dict):
+    """The head outputs of ``forward_parts`` from the FPN levels ``pyramid`` (``backbone(batch)``): SOLO's level
+    features (P2 halved, P6 resized to P5: the authors' ``split_feats``) through
+    :class:`~onestage.modeling.solo.SOLOHead` with ``dense_masks=False`` as ``model(images)`` runs it; SOLOv2's
+    instance branch on the same levels and the unified mask feature F from P2..P5 (SOLOv2 §3.2.2)."""
+    from onestage.modeling.solo import level_features
+
+    levels = list(pyramid.values())
+    if type(model).__name__ == "SOLOv2":
+        from onestage.modeling.solov2 import SOLOv2HeadOutputs
+
+        cate, kernels = model.head(level_features(levels))
+        return SOLOv2HeadOutputs(cate, kernels, model.mask_branch(levels[:4]))
+    return model.head(level_features(levels, model.cfg.multi_level), dense_masks=False)
+
+
+def solo_candidates(cate: Tensor, score_thresh: float, max_candidates: int):
+    """:func:`onestage.modeling.solo.cell_candidates` (the (cell, class) pairs with score > ``score_thresh``, at most
+    ``max_candidates``, the best) without the ``if there are more`` branch: the pairs are ranked with every pair at
+    or below the threshold set to −1, the best ``min(max_candidates, K·C)`` taken, and those above the threshold
+    kept in cell-major order. That is the model's set and order whenever at most ``max_candidates`` pass; with more
+    (the model then keeps top-k's best-first order) the set is the same up to ties at the cut and only the order
+    differs, which matters only where two final scores tie (they are sorted again before and after Matrix NMS).
+    Returns ``cells`` (index over all levels' cells), ``labels``, ``scores``."""
+    num_classes = cate.shape[1]
+    flat = cate.reshape(-1)
+    candidate = flat > score_thresh
+    ranked = torch.where(candidate, flat, torch.full_like(flat, -1.0))
+    _, top = ranked.topk(min(max_candidates, flat.shape[0]))
+    chosen = torch.zeros_like(candidate)
+    chosen[top] = candidate[top]
+    pairs = chosen.nonzero()[:, 0]  # ascending: cell-major, as nonzero() in the model
+    cells = torch.div(pairs, num_classes, rounding_mode="floor")
+    return cells, pairs - cells * num_classes, flat[pairs]
+
+
+def solo_mask_probs(model, head_out, cells: Tensor, out_hw: Tuple[int, int]) -> Tensor:
+    """Mask probabilities ``N×h×w`` at stride 4 of the canvas for ``cells`` given in ascending order, as the model's
+    ``mask_probs_fn`` computes them: SOLOv2, σ of the cell's kernel on F (``dynamic_masks``, the 1×1 convolution
+    G ∗ F of SOLOv2 §3.2 as a matrix product); vanilla SOLO, σ of channel k = i·S + j — the rows k of the level's
+    last 1×1 weight on the upsampled tower output (``SOLOHead.cell_mask_logits``) — resized to stride 4;
+    decoupled SOLO (SOLO §4), σ(y_i) and σ(x_j) each resized to stride 4, then multiplied. Level by level on the
+    cells of that level (a boolean selection, so the count stays dynamic); the cells being ascending and each
+    level's cells contiguous, the concatenation is in the input order."""
+    from onestage.modeling.solo import cell_levels, dynamic_masks
+
+    if type(model).__name__ == "SOLOv2":
+        return dynamic_masks(model.flat_kernels(head_out, 0)[cells], head_out.mask_features[0]).sigmoid()
+    levels, within, _ = cell_levels(model.grid_numbers, cells.device)
+    out = []
+    for lvl, s in enumerate(model.grid_numbers):
+        k = within[cells[levels[cells] == lvl]]
+        if model.cfg.head == "vanilla":
+            feat = head_out.mask_feats[lvl][0]
+            conv = model.head.mask_preds[lvl]
+            weight, bias = conv.weight.flatten(1).to(feat.dtype), conv.bias.to(feat.dtype)
+            logits = dynamic_masks(weight[k], feat) + bias[k, None, None]
+            out.append(_resize_rows(logits.sigmoid(), out_hw))
+        else:
+            i, j = torch.div(k, s, rounding_mode="floor"), k % s
+            out.append(_resize_rows(head_out.mask_logits_y[lvl][0, i].sigmoid(), out_hw)
+                       * _resize_rows(head_out.mask_logits_x[lvl][0, j].sigmoid(), out_hw))
+    return torch.cat(out)
+
+
+def solo_detections(model, head_out, image_hw: Tuple[int, int], canvas_hw: Tuple[int, int]):
+    """:func:`onestage.modeling.solo.solo_inference` for one image (the ``get_seg_single`` of the authors' code),
+    with the model's own functions and no branch on the number of detections:
+
+    1. point NMS on the category maps (``cate_scores``), the pairs above ``score_thresh`` (:func:`solo_candidates`);
+    2. their masks at stride 4 (:func:`solo_mask_probs`), binarised at ``mask_thresh``; masks with no more pixels
+       than their level's stride dropped;
+    3. maskness, the mean probability inside the binary mask, multiplied into the score (the authors'
+       ``get_seg_single``, SOLO and SOLOv2 alike);
+    4. the ``nms_pre`` best → the model's ``matrix_nms`` (SOLOv2 §3.3: each score decayed by
+       ``min_i f(IoU_ij) / f(comp_i)``; gaussian or linear f) → scores ≥ ``update_thresh`` → the
+       ``detections_per_img`` best;
+    5. the probabilities upsampled to the canvas (bilinear), cut to the image, binarised at ``mask_thresh``; boxes
+       are the masks' tight boxes (:func:`_masks_to_boxes`), as ``detect`` returns them.
+
+    ``matrix_nms`` gets two blank rows appended (:func:`_with_blank_rows`) — empty masks of a class no detection has
+    (−1), score −1 — and dropped again: they overlap nothing (IoU 0, also with each other), so they change no decay
+    (their entries in the decay matrix are exactly 1, and every column already holds a value ≤ 1), and they keep
+    the function on its general path whatever the trace image detects. Ties: the sorts of
+    onnxruntime (``TopK``) put equal scores in index order; PyTorch's ``argsort`` is not guaranteed to, so two
+    detections with exactly the same score may come out swapped (no other difference). Returns ``boxes``,
+    ``scores``, ``labels``, ``masks`` (``N×H×W`` bool at the image size)."""
+    from onestage.modeling.solo import cate_scores, cell_levels, matrix_nms
+
+    c = model.cfg
+    h, w = image_hw
+    cells, labels, scores = solo_candidates(cate_scores(head_out.cate_logits, 0), c.score_thresh, c.max_candidates)
+    probs = solo_mask_probs(model, head_out, cells, (canvas_hw[0] // 4, canvas_hw[1] // 4))
+    binary = probs > c.mask_thresh
+    areas = binary.flatten(1).sum(1).float()
+    levels, _, _ = cell_levels(model.grid_numbers, probs.device)
+    cell_strides = torch.tensor(model.strides, device=probs.device)[levels]
+    keep = areas > cell_strides[cells].float()
+    probs, binary, areas, scores, labels = probs[keep], binary[keep], areas[keep], scores[keep], labels[keep]
+    maskness = (probs * binary).flatten(1).sum(1) / areas
+    scores = scores * maskness
+    order = scores.argsort(descending=True)[: c.nms_pre]
+    probs, binary, areas, scores, labels = probs[order], binary[order], areas[order], scores[order], labels[order]
+    scores = matrix_nms(_with_blank_rows(binary, False), _with_blank_rows(labels, -1), _with_blank_rows(scores, -1.0),
+                        c.matrix_nms_kernel, c.matrix_nms_sigma, _with_blank_rows(areas, 0.0))[:-2]
+    keep = scores >= c.update_thresh
+    probs, scores, labels = probs[keep], scores[keep], labels[keep]
+    order = scores.argsort(descending=True)[: c.detections_per_img]
+    probs, scores, labels = probs[order], scores[order], labels[order]
+    full = _resize_rows(probs, canvas_hw)
+    masks = full[:, :h, :w] > c.mask_thresh
+    return _masks_to_boxes(masks), scores, labels, masks
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the wrapper that is traced
 
 class OnnxDetector(nn.Module):
@@ -186,10 +351,18 @@ class OnnxDetector(nn.Module):
         super().__init__()
         self.model = model.eval()
         self.kind = type(model).__name__
-        if self.kind not in ("FCOS", "CondInst", "BlendMask"):
-            raise NotImplementedError(f"ONNX export of {self.kind} is not written yet (FCOS, CondInst, BlendMask are)")
+        if self.kind not in ("FCOS", "CondInst", "BlendMask") + SOLO_FAMILY:
+            raise NotImplementedError(f"ONNX export of {self.kind} is not written yet (FCOS, CondInst, BlendMask, "
+                                      "SOLO, DecoupledSOLO, SOLOv2 are)")
         if self.kind == "CondInst" and model.cfg.mask_nms:
             raise NotImplementedError("ONNX export of CondInst with mask_nms=True (Table 5) is not written yet")
+        if self.kind in SOLO_FAMILY and model.cfg.nms != "matrix":
+            if model.cfg.nms != "mask":
+                raise ValueError(f"nms must be 'matrix' or 'mask', got {model.cfg.nms!r}")
+            raise NotImplementedError(
+                f"ONNX export of {self.kind} with nms='mask' (greedy mask NMS, the baseline of SOLOv2's Matrix NMS "
+                "ablation) is not written: its keep/drop sweep visits the masks one by one, a loop over detections "
+                "whose result tracing cannot record; export with nms='matrix' (Matrix NMS, SOLOv2 §3.3)")
 
     @property
     def output_names(self) -> List[str]:
@@ -204,6 +377,9 @@ class OnnxDetector(nn.Module):
         d = m.cfg.size_divisibility
         x = F.pad(x, (0, (d - w % d) % d, 0, (d - h % d) % d))
         named = dict(m.backbone(x))
+        if self.kind in SOLO_FAMILY:
+            canvas_hw = (int(x.shape[-2]), int(x.shape[-1]))
+            return solo_detections(m, solo_head_outputs(m, named), (h, w), canvas_hw)
         feats = list(named.values())
         head = m.head(feats)
         locations = compute_locations(feats, m.strides)
