@@ -2,7 +2,7 @@
 gives the detections ``model([image])`` gives — on synthetic validation images, the nuclei tile and the VOC photo
 (one graph per input size), and on an image with nothing to detect; random-weight smoke models too; the
 ``export`` command. Tolerances (issue 19): boxes within 1 px, scores within 1e-3, labels equal, mask IoU ≥ 0.99 per
-instance. onnxruntime is the oracle; without it (``pip install -e '.[onnx]'``) these tests skip, unless ``CI`` is set.
+instance (``tests/export_helpers.py``). onnxruntime is the oracle; without it (``pip install -e '.[onnx]'``) these tests skip, unless ``CI`` is set.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import onestage
+from export_helpers import assert_parity, shipped_models
+from export_helpers import reference as _reference
 from onestage import export
 from onestage.engine.shipped import shipped_checkpoint
 
@@ -28,32 +30,9 @@ MODELS = ["fcos", "condinst", "blendmask"]
 TEST_SIZE = 320
 
 
-def assert_parity(ours: dict, ref: dict, what: str) -> dict:
-    cmp = export.compare_detections(ours, ref)
-    assert cmp["detections_onnx"] == cmp["detections"], f"{what}: {cmp}"
-    assert sorted(ours) == sorted(ref), what
-    assert cmp["max_box_diff"] <= 1.0 and cmp["max_score_diff"] <= 1e-3 and cmp["label_mismatches"] == 0, \
-        f"{what}: {cmp}"
-    if "masks" in ref:
-        assert ours["masks"].dtype == torch.bool and ours["masks"].shape == ref["masks"].shape
-        assert cmp["min_mask_iou"] >= 0.99, f"{what}: {cmp}"
-    return cmp
-
-
-def _reference(model, image):
-    with torch.no_grad():
-        return model([image])[0]
-
-
 @pytest.fixture(scope="module")
 def shipped():
-    out = {}
-    for name in MODELS:
-        path = shipped_checkpoint(name)
-        if not path.is_file():
-            pytest.skip(f"no shipped checkpoint at {path}")
-        out[name] = onestage.load_model(path).eval().float()
-    return out
+    return {name: model for name, (model, _) in shipped_models(MODELS).items()}
 
 
 @pytest.fixture(scope="module")

@@ -17,65 +17,17 @@ import torch
 pytest.importorskip("onnxruntime")
 
 import onestage  # noqa: E402
+from export_helpers import assert_parity, shipped_models  # noqa: E402
+from export_helpers import reference as _reference  # noqa: E402
 from onestage import export  # noqa: E402
-from onestage.engine.checkpoint import checkpoint_card  # noqa: E402
-from onestage.engine.shipped import shipped_checkpoint  # noqa: E402
 
 MODELS = ["solo", "decoupled_solo", "solov2"]
-
-
-def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``N×M`` mask IoU of ``N×H×W`` and ``M×H×W`` bool masks (1 for two empty masks)."""
-    a, b = a.flatten(1).float(), b.flatten(1).float()
-    inter = a @ b.T
-    union = a.sum(1)[:, None] + b.sum(1)[None] - inter
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-
-
-def assert_parity(ours: dict, ref: dict, what: str) -> dict:
-    """The tolerances of the module docstring. Instances are matched in order (both lists are sorted by score); only
-    if that fails, each graph instance is matched to the unused reference instance of the same label and a score
-    within 1e-3 with the best mask IoU (a reordering of tied scores), and a warning says so."""
-    assert list(ours) == list(ref) == ["boxes", "scores", "labels", "masks"], what
-    assert ours["labels"].dtype == torch.int64 and ours["masks"].dtype == torch.bool, what
-    assert tuple(ours["masks"].shape[1:]) == tuple(ref["masks"].shape[1:]), what
-    cmp = export.compare_detections(ours, ref)
-    assert cmp["detections_onnx"] == cmp["detections"], f"{what}: {cmp}"
-    if (cmp["max_box_diff"] <= 1.0 and cmp["max_score_diff"] <= 1e-3 and cmp["label_mismatches"] == 0
-            and cmp["min_mask_iou"] >= 0.99):
-        return cmp
-    iou = _iou(ours["masks"], ref["masks"])
-    compatible = ((ours["labels"][:, None] == ref["labels"][None])
-                  & ((ours["scores"][:, None] - ref["scores"][None]).abs() <= 1e-3))
-    iou = torch.where(compatible, iou, torch.full_like(iou, -1.0))
-    match = []
-    for i in range(iou.shape[0]):
-        j = int(iou[i].argmax())
-        assert iou[i, j] >= 0.99, f"{what}: graph instance {i} has no reference match (in order: {cmp})"
-        match.append(j)
-        iou[:, j] = -1.0
-    match = torch.tensor(match, dtype=torch.long)
-    box_diff = float((ours["boxes"] - ref["boxes"][match]).abs().max())
-    assert box_diff <= 1.0, f"{what}: boxes of the matched instances differ by {box_diff}"
-    warnings.warn(f"{what}: instances matched by mask IoU, not in order (tied scores): {match.tolist()}")
-    return dict(cmp, max_box_diff=box_diff, matched_by_iou=True)
-
-
-def _reference(model, image):
-    with torch.no_grad():
-        return model([image])[0]
 
 
 @pytest.fixture(scope="module")
 def shipped():
     """Per model: the shipped checkpoint in float32 and its test size (the card's ``test_min_size``)."""
-    out = {}
-    for name in MODELS:
-        path = shipped_checkpoint(name)
-        if not path.is_file():
-            pytest.skip(f"no shipped checkpoint at {path}")
-        out[name] = (onestage.load_model(path).eval().float(), int(checkpoint_card(path)["train_cfg"]["test_min_size"]))
-    return out
+    return shipped_models(MODELS)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ convolution of the dynamic heads as a batched matrix product, and the paste of B
 ``grid_sample`` per detection over the whole image, cut to the box's integer rectangle as detectron2's paste does;
 the SOLO family's masks as one boolean selection of the candidates per level (no "skip an empty level", no scatter
 back), Matrix NMS's input with two blank rows appended so that ``matrix_nms`` stays on its general path whatever the
-trace image detects, and ``masks_to_boxes``'s in-place zeroing of empty masks' boxes as a ``where``.
+trace image detects (``onestage.structures.masks_to_boxes`` is written traceable itself).
 ``tests/test_export.py`` (FCOS family) and ``tests/test_export_solo.py`` (SOLO family) check every model's graph
 against ``model(images)`` with onnxruntime.
 
@@ -41,6 +41,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from onestage.structures import masks_to_boxes
 
 __all__ = ["OnnxDetector", "export_onnx", "onnx_session", "run_onnx", "EXPORT_OPSET", "fcos_detections",
            "solo_detections", "compare_detections", "verify_onnx"]
@@ -209,24 +211,6 @@ def _resize_rows(x: Tensor, out_hw: Tuple[int, int]) -> Tensor:
     return F.interpolate(x[:, None], size=tuple(out_hw), mode="bilinear", align_corners=False)[:, 0]
 
 
-def _masks_to_boxes(masks: Tensor) -> Tensor:
-    """:func:`onestage.structures.masks_to_boxes` (tight xyxy boxes on pixel edges, all zero for an empty mask) with
-    its ``boxes[empty] = 0`` written as a ``where``: the exporter records that boolean ``index_put`` as a ``Where``
-    that broadcasts the ``N`` flags along the boxes' last axis (wrong, and an error unless N is 1 or 4). The same
-    numbers; no ``if n == 0`` branch, so no blank row is needed."""
-    rows, cols = masks.any(dim=2), masks.any(dim=1)  # N×H, N×W
-    h, w = masks.shape[-2:]
-    ys = torch.arange(h, device=masks.device)
-    xs = torch.arange(w, device=masks.device)
-    big = max(h, w) + 1
-    y0 = torch.where(rows, ys, big).min(dim=1).values
-    y1 = torch.where(rows, ys, -1).max(dim=1).values + 1
-    x0 = torch.where(cols, xs, big).min(dim=1).values
-    x1 = torch.where(cols, xs, -1).max(dim=1).values + 1
-    boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
-    return torch.where(rows.any(dim=1)[:, None], boxes, torch.zeros_like(boxes))
-
-
 def solo_head_outputs(model, pyramid: dict):
     """The head outputs of ``forward_parts`` from the FPN levels ``pyramid`` (``backbone(batch)``): SOLO's level
     features (P2 halved, P6 resized to P5: the authors' ``split_feats``) through
@@ -305,7 +289,7 @@ def solo_detections(model, head_out, image_hw: Tuple[int, int], canvas_hw: Tuple
        ``min_i f(IoU_ij) / f(comp_i)``; gaussian or linear f) → scores ≥ ``update_thresh`` → the
        ``detections_per_img`` best;
     5. the probabilities upsampled to the canvas (bilinear), cut to the image, binarised at ``mask_thresh``; boxes
-       are the masks' tight boxes (:func:`_masks_to_boxes`), as ``detect`` returns them.
+       are the masks' tight boxes (:func:`onestage.structures.masks_to_boxes`), as ``detect`` returns them.
 
     ``matrix_nms`` gets two blank rows appended (:func:`_with_blank_rows`) — empty masks of a class no detection has
     (−1), score −1 — and dropped again: they overlap nothing (IoU 0, also with each other), so they change no decay
@@ -338,7 +322,7 @@ def solo_detections(model, head_out, image_hw: Tuple[int, int], canvas_hw: Tuple
     probs, scores, labels = probs[order], scores[order], labels[order]
     full = _resize_rows(probs, canvas_hw)
     masks = full[:, :h, :w] > c.mask_thresh
-    return _masks_to_boxes(masks), scores, labels, masks
+    return masks_to_boxes(masks), scores, labels, masks
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -54,11 +54,9 @@ def xyxy_to_xywh(boxes: Tensor) -> Tensor:
 def masks_to_boxes(masks: Tensor) -> Tensor:
     """Tight xyxy boxes (pixel edges, so a single pixel at (x, y) gives ``[x, y, x+1, y+1]``) of ``N×H×W`` masks.
 
-    Empty masks give an all-zero box.
+    Empty masks give an all-zero box. Written without a branch on the number of masks or an in-place masked
+    assignment, so that it traces into an ONNX graph as it is (``onestage.export``).
     """
-    n = masks.shape[0]
-    if n == 0:
-        return masks.new_zeros((0, 4), dtype=torch.float32)
     m = masks.bool()
     rows = m.any(dim=2)  # N×H
     cols = m.any(dim=1)  # N×W
@@ -71,8 +69,7 @@ def masks_to_boxes(masks: Tensor) -> Tensor:
     x0 = torch.where(cols, xs, big).min(dim=1).values
     x1 = torch.where(cols, xs, -1).max(dim=1).values + 1
     boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
-    boxes[~rows.any(dim=1)] = 0
-    return boxes
+    return torch.where(rows.any(dim=1)[:, None], boxes, torch.zeros_like(boxes))
 
 
 def mask_centers(masks: Tensor, boxes: Optional[Tensor] = None) -> Tensor:
