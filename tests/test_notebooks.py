@@ -31,6 +31,24 @@ def test_there_are_walkthroughs():
     assert WALKTHROUGHS, f"no NN_*.ipynb walkthrough in {NOTEBOOKS}"
 
 
+@pytest.mark.parametrize("path", WALKTHROUGHS, ids=[p.name for p in WALKTHROUGHS])
+def test_walkthrough_states_goal_time_and_paper_sections_at_the_top(path):
+    """What a student can do after it, how long it takes (with and without the shipped checkpoints) and which paper
+    sections it covers, in the first cell; the site's index shows the first."""
+    import re
+
+    from onestage.site import chapter_summary
+
+    nb = nbformat.read(path, as_version=4)
+    first = nb.cells[0]
+    assert first.cell_type == "markdown"
+    for label in ("**After it you can**", "**Time on a 2-core laptop:**", "**Paper sections:**"):
+        assert label in first.source, f"{path.name}: no {label} in the first cell"
+    assert re.search(r"\*\*Time on a 2-core laptop:\*\* [^\n]*\d+ (s|min)", first.source)
+    assert re.search(r"\*\*Paper sections:\*\*[^\n]*arXiv \d{4}\.\d{5}", first.source)
+    assert chapter_summary(nb)["learn"]
+
+
 @pytest.mark.parametrize("path", ALL, ids=[p.name for p in ALL])
 def test_parameters_cell_holds_literals_only(path):
     nb = nbformat.read(path, as_version=4)
