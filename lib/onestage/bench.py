@@ -40,9 +40,9 @@ def _time(fn, repeats: int, warmup: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def _onnx_time(model, image: torch.Tensor, repeats: int, warmup: int) -> dict:
+def _onnx_time(model, image: torch.Tensor, repeats: int, warmup: int, torchvision_s: float) -> dict:
     """Median seconds per image of ``model`` exported to ONNX and run by onnxruntime (CPU, torch's thread count),
-    and how many detections the graph returned."""
+    how many detections the graph returned, and the ratio to torchvision's ``torchvision_s``."""
     import tempfile
     from pathlib import Path
 
@@ -54,7 +54,7 @@ def _onnx_time(model, image: torch.Tensor, repeats: int, warmup: int) -> dict:
         x = image.cpu()
         n = int(export.run_onnx(session, x)["boxes"].shape[0])
         t = _time(lambda: export.run_onnx(session, x), repeats, warmup, torch.device("cpu"))
-    return {"onnxruntime_s": t, "instances_onnxruntime": n}
+    return {"onnxruntime_s": t, "instances_onnxruntime": n, "onnxruntime_ratio": t / torchvision_s}
 
 
 def run_bench(size: int = 512, repeats: int = 10, warmup: int = 3, device: Optional[str] = None,
@@ -76,10 +76,7 @@ def run_bench(size: int = 512, repeats: int = 10, warmup: int = 3, device: Optio
         t_ours = _time(lambda: ours([image]), repeats, warmup, device)
         t_theirs = _time(lambda: theirs([image]), repeats, warmup, device)
         t_transform = _time(lambda: theirs.transform([image]), repeats, warmup, device)
-    extra = {}
-    if onnx:
-        extra = _onnx_time(ours, image, repeats, warmup)
-        extra["onnxruntime_ratio"] = extra["onnxruntime_s"] / t_theirs
+    extra = _onnx_time(ours, image, repeats, warmup, t_theirs) if onnx else {}
     return {**extra,
         "device": str(device),
         "size": size,
@@ -161,10 +158,7 @@ def run_mask_bench(name: str, size: int = 512, repeats: int = 10, warmup: int = 
         n_theirs = int(theirs([image])[0]["masks"].shape[0])
         t_ours = _time(lambda: ours([image]), repeats, warmup, device)
         t_theirs = _time(lambda: theirs([image]), repeats, warmup, device)
-    extra = {}
-    if onnx:
-        extra = _onnx_time(ours, image, repeats, warmup)
-        extra["onnxruntime_ratio"] = extra["onnxruntime_s"] / t_theirs
+    extra = _onnx_time(ours, image, repeats, warmup, t_theirs) if onnx else {}
     return {**extra, "model": name, "device": str(device), "size": size, "repeats": repeats, "preset": preset,
             "torch": torch.__version__, "torchvision": torchvision.__version__, "onestage_s": t_ours,
             "torchvision_s": t_theirs, "ratio": t_ours / t_theirs, "instances_onestage": n_ours,

@@ -594,13 +594,14 @@ def cmd_site(args) -> int:
     """``site``: execute the walkthroughs and render them as a static HTML site (``make site``)."""
     from onestage import site
 
+    def named(p: Path, n: str) -> bool:  # "01", "01_fcos_fpn_assignment" or the file name
+        return p.name == n or p.stem == n or p.name.startswith(n + "_")
+
     names = [n.strip() for n in (args.only or "").split(",") if n.strip()]
     notebooks = site.walkthroughs()
     if names:
-        chosen = [p for p in notebooks if any(p.name == n or p.name.startswith(n + "_") or p.stem == n
-                                              for n in names)]
-        unknown = [n for n in names if not any(p.name == n or p.name.startswith(n + "_") or p.stem == n
-                                               for p in notebooks)]
+        chosen = [p for p in notebooks if any(named(p, n) for n in names)]
+        unknown = [n for n in names if not any(named(p, n) for p in notebooks)]
         if unknown:
             raise UserError(f"no walkthrough {', '.join(map(repr, unknown))}; walkthroughs: "
                             + ", ".join(p.name for p in notebooks))

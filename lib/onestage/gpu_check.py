@@ -92,13 +92,13 @@ def _step_train(limit_s: float, iters: int = 60) -> dict:
 
     root = default_data_root() / "synthetic-gpu-check"
     ensure_synthetic(root, num_train=160, num_val=16, progress=False)
+    ds = get_dataset(f"synthetic:{root}", split="train", min_size=(256,), max_size=256, with_masks=True)
     runs, t0 = {}, time.time()
     for name in MASK_MODELS:
         if time.time() - t0 > limit_s:
             runs[name] = {"skipped": "out of time"}
             continue
         torch.manual_seed(0)
-        ds = get_dataset(f"synthetic:{root}", split="train", min_size=(256,), max_size=256, with_masks=True)
         model = onestage.build_model(name, preset="fast", num_classes=len(ds.class_names))
         cfg = get_train_config("fast", max_iters=iters, amp=True, checkpoint_every=10 ** 9, log_every=10,
                                time_budget_s=None, cache_features=False)

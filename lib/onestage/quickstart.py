@@ -13,26 +13,33 @@ import time
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["QUICKSTART_NOTEBOOK", "run_quickstart", "export_html"]
+__all__ = ["QUICKSTART_NOTEBOOK", "run_quickstart", "export_html", "notebook_html"]
 
 #: The notebook ``make demo`` runs.
 QUICKSTART_NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "00_quickstart.ipynb"
 
 
-def export_html(notebook: Path, html: Optional[Path] = None) -> Path:
-    """An HTML copy of an executed notebook (nbconvert's lab template, images embedded), written atomically."""
-    import nbformat
+def notebook_html(nb) -> str:
+    """An (executed) notebook node as one HTML page: nbconvert's lab template, images embedded."""
     from nbconvert import HTMLExporter
 
-    notebook = Path(notebook)
-    html = Path(html) if html is not None else notebook.with_suffix(".html")
     exporter = HTMLExporter()
     level = exporter.log.level
     exporter.log.setLevel(logging.ERROR)  # not "alternative text is missing" for every figure
     try:
-        body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
+        body, _ = exporter.from_notebook_node(nb)
     finally:
         exporter.log.setLevel(level)
+    return body
+
+
+def export_html(notebook: Path, html: Optional[Path] = None) -> Path:
+    """An HTML copy of an executed notebook (:func:`notebook_html`), written atomically."""
+    import nbformat
+
+    notebook = Path(notebook)
+    html = Path(html) if html is not None else notebook.with_suffix(".html")
+    body = notebook_html(nbformat.read(notebook, as_version=4))
     tmp = html.with_name(html.name + ".tmp")
     tmp.write_text(body, encoding="utf-8")
     tmp.replace(html)

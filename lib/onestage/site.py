@@ -198,10 +198,9 @@ def _banner(entry: dict, prev_page: Optional[str], next_page: Optional[str]) -> 
 def render_site(entries: Sequence[dict], out: Path) -> Path:
     """Write one HTML page per executed notebook in ``entries`` (dicts with ``name``, ``executed`` — the executed
     notebook's path —, ``mode``, ``reason``, ``seconds``, ``status``…) and ``index.html``; returns the index path."""
-    import logging
-
     import nbformat
-    from nbconvert import HTMLExporter
+
+    from onestage.quickstart import notebook_html
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,9 +210,7 @@ def render_site(entries: Sequence[dict], out: Path) -> Path:
         nb = nbformat.read(entry["executed"], as_version=4)
         summary = chapter_summary(nb)
         widgets = _strip_widgets(nb)
-        exporter = HTMLExporter()
-        exporter.log.setLevel(logging.ERROR)
-        body, _ = exporter.from_notebook_node(nb)
+        body = notebook_html(nb)
         body = body.replace("<title>Notebook</title>", f"<title>{html.escape(summary['title'])}</title>", 1)
         banner = _banner(entry, pages[i - 1] if i else None, pages[i + 1] if i + 1 < len(pages) else None)
         body = re.sub(r"(<body[^>]*>)", lambda m: m.group(1) + banner, body, count=1)
