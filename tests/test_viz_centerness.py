@@ -23,6 +23,7 @@ from onestage.viz import (
     spearman,
 )
 from onestage.viz.centerness import find_demo, plot_quality_vs_location, rerank_summary, rerank_summary_markdown
+from onestage.modeling.fast_inference import plain_inference
 
 
 def _logit(p: float) -> float:
@@ -153,7 +154,7 @@ def test_rerank_table_on_a_model_matches_postprocess(smoke_model):
     image, target = _sample(0)
     t = rerank_table(smoke_model, image, target)
     assert len(t) > 0 and torch.allclose(t.score, torch.sqrt(t.cls * t.ctr))
-    with torch.no_grad():
+    with torch.no_grad(), plain_inference(smoke_model):
         det = smoke_model([image])[0]
     # every detection after NMS is one of the candidates: its score is one of theirs
     assert len(det["scores"]) > 0

@@ -18,6 +18,7 @@ from onestage.viz.condinst import (PAPER_MASK_RCNN_MS, condinst_explorer, condin
                                    plot_instance_layers, plot_roi_vs_full_mask, plot_two_instances,
                                    probe_markdown, probe_rows, table1_timing_settings)
 from onestage.analysis.condinst import _two_heads
+from onestage.modeling.fast_inference import plain_inference
 
 
 
@@ -80,7 +81,7 @@ def test_dynamic_params_figure_layout():
 
 def test_trace_reproduces_the_models_own_head(model, images):
     image = images[0]
-    with torch.no_grad():
+    with torch.no_grad(), plain_inference(model):
         pred = model([image])[0]
         mask_feats = model.forward_parts([image]).mask_inputs["mask_feats"]
     assert len(pred["boxes"]) == 8
@@ -266,7 +267,7 @@ def test_other_head_configurations(overrides, images):
     m = CondInst(cfg, num_classes=2).eval()
     torch.nn.init.constant_(m.head.bbox_pred.bias, 2.0)
     torch.nn.init.normal_(m.controller.weight, std=0.3)
-    with torch.no_grad():
+    with torch.no_grad(), plain_inference(m):
         pred = m([images[0]])[0]
     cache = {}
     a = condinst_trace(m, images[0], 0, cache=cache, key=0)

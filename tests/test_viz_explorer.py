@@ -16,6 +16,7 @@ from onestage.engine.checkpoint import make_checkpoint, save_checkpoint
 from onestage.viz.explorer import (Explanation, _tile, describe, describe_text, explain, find_checkpoints,
                                    image_from_bytes, load_models, model_family, plot_comparison, plot_provenance,
                                    prediction_explorer, provenance_panels, shown_detections)
+from onestage.modeling.fast_inference import plain_inference
 
 NAMES = ["circle", "square", "star"]
 
@@ -115,7 +116,7 @@ def test_explained_detections_are_the_models_own(name, low_thresh_models, images
     model = low_thresh_models[name]
     image = images[0][0]
     expl = explain(model, image)
-    with torch.no_grad():
+    with torch.no_grad(), plain_inference(model):
         own = model([image])[0]
     assert len(expl) == len(own["boxes"]) > 0 and expl.note == ""
     for key in own:

@@ -9,6 +9,11 @@ image to final detections. The transform's own cost is timed separately and prin
 With random weights, many locations pass the 0.05 score threshold, so post-processing (top-k, NMS) runs at its
 worst case in both models. Speed is reported as ratios, never asserted in tests.
 
+Four variants are timed, alternating within one run (A B C D, D C B A, …, since this machine is shared and noisy):
+our model on its inference fast path (the default: :mod:`onestage.modeling.fast_inference`) and with it off,
+torchvision's model as it ships and with the same generic optimisations applied (BatchNorm folding, channels_last,
+bf16 autocast where the CPU has native bf16) — the second ratio, the fair one.
+
 ``onnx=True`` adds a column: our model exported as one ONNX graph (:mod:`onestage.export`) and run by onnxruntime on
 the CPU with as many threads as torch uses, on the same image (needs ``pip install -e '.[onnx]'``).
 """
@@ -16,11 +21,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["run_bench", "format_bench", "run_mask_bench", "format_mask_bench", "time_mask_heads",
+__all__ = ["run_bench", "format_bench", "run_mask_bench", "format_mask_bench", "generic_fast_torchvision", "fast_path_ap",
+           "format_fast_path_ap", "time_mask_heads",
            "format_mask_heads", "overlapping_masks", "time_nms", "format_nms"]
 
 
@@ -57,9 +63,86 @@ def _onnx_time(model, image: torch.Tensor, repeats: int, warmup: int, torchvisio
     return {"onnxruntime_s": t, "instances_onnxruntime": n, "onnxruntime_ratio": t / torchvision_s}
 
 
+def _alternating(fns: dict, repeats: int, warmup: int, device: torch.device) -> dict:
+    """Median wall seconds of each callable in ``fns`` (name → fn), timed in alternating order — A B C D, D C B A,
+    A B C D, … — so that a noisy machine's slow spells fall on every variant alike (CUDA synchronised)."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def generic_fast_torchvision(model, image: torch.Tensor, bf16: bool):
+    """``(fn, folded)``: torchvision detector ``model`` with the generic optimisations of our fast path
+    (:mod:`onestage.modeling.fast_inference`) applied to a copy — its backbone's FrozenBatchNorms folded into the
+    convolutions, channels_last weights, and (``bf16``) its whole forward under CPU bf16 autocast — and the number
+    of norms folded. ``fn()`` runs it on ``image``. For the *fair* ratio: what the same generic work buys them."""
+    import contextlib
+    import copy
+
+    from onestage.modeling.fast_inference import fold_batchnorm
+
+    fast = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        batch = fast.transform([image])[0].tensors
+        folded = fold_batchnorm(fast, lambda m: m.backbone(batch), check=True)
+    if image.device.type == "cpu":
+        fast = fast.to(memory_format=torch.channels_last)
+
+    def fn():
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with ctx:
+            return fast([image])
+
+    return fn, len(folded)
+
+
+def _fast_variants(ours, theirs, image, repeats: int, warmup: int, device: torch.device) -> dict:
+    """Times four variants alternating in one run: our model on its default inference fast path and with it off,
+    torchvision's model as it ships and with the same generic optimisations (:func:`generic_fast_torchvision`)."""
+    from onestage.modeling.fast_inference import FastInference, fast_inference_options
+
+    opts = fast_inference_options(ours) or FastInference()
+    bf16 = opts.uses_bf16(device)
+    theirs_fast, folded = generic_fast_torchvision(theirs, image, bf16)
+
+    def run_ours(fast: bool):
+        ours.fast_inference = opts if fast else False
+        try:
+            return ours([image])
+        finally:
+            ours.fast_inference = opts
+
+    with torch.inference_mode():
+        outputs = {"onestage": run_ours(True)[0], "onestage_plain": run_ours(False)[0],
+                   "torchvision": theirs([image])[0], "torchvision_fast": theirs_fast()[0]}
+        t = _alternating({"onestage": lambda: run_ours(True), "onestage_plain": lambda: run_ours(False),
+                          "torchvision": lambda: theirs([image]), "torchvision_fast": theirs_fast},
+                         repeats, warmup, device)
+    return {"onestage_s": t["onestage"], "onestage_plain_s": t["onestage_plain"], "torchvision_s": t["torchvision"],
+            "torchvision_fast_s": t["torchvision_fast"], "ratio": t["onestage"] / t["torchvision"],
+            "ratio_plain": t["onestage_plain"] / t["torchvision"],
+            "ratio_fair": t["onestage"] / t["torchvision_fast"],
+            "fast_path": {"fold_bn": opts.fold_bn, "channels_last": opts.channels_last and device.type == "cpu",
+                          "bf16": bf16}, "torchvision_norms_folded": folded,
+            "threads": torch.get_num_threads(), "outputs": outputs}
+
+
 def run_bench(size: int = 512, repeats: int = 10, warmup: int = 3, device: Optional[str] = None,
               preset: str = "paper", num_classes: int = 80, seed: int = 0, onnx: bool = False) -> dict:
-    """Median seconds per image for both models (and torchvision's transform alone); see the module doc."""
+    """Median seconds per image for both models, each as shipped and on the inference fast path, alternating in one
+    run (and torchvision's transform alone); see the module doc."""
     import torchvision
     from torchvision.models.detection import fcos_resnet50_fpn
 
@@ -72,34 +155,48 @@ def run_bench(size: int = 512, repeats: int = 10, warmup: int = 3, device: Optio
                                min_size=size, max_size=size).to(device).eval()
     image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
 
+    r = _fast_variants(ours, theirs, image, repeats, warmup, device)
+    r.pop("outputs")
     with torch.inference_mode():
-        t_ours = _time(lambda: ours([image]), repeats, warmup, device)
-        t_theirs = _time(lambda: theirs([image]), repeats, warmup, device)
         t_transform = _time(lambda: theirs.transform([image]), repeats, warmup, device)
-    extra = _onnx_time(ours, image, repeats, warmup, t_theirs) if onnx else {}
-    return {**extra,
+    extra = _onnx_time(ours, image, repeats, warmup, r["torchvision_s"]) if onnx else {}
+    return {**extra, **r,
         "device": str(device),
         "size": size,
         "repeats": repeats,
         "preset": preset,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "onestage_s": t_ours,
-        "torchvision_s": t_theirs,
         "torchvision_transform_s": t_transform,
-        "ratio": t_ours / t_theirs,
     }
+
+
+def _variant_lines(r: dict, ours: str, theirs: str, counts: Optional[dict] = None) -> list:
+    counts = counts or {}
+    fp = r["fast_path"]
+    what = ", ".join(k for k in ("fold_bn", "channels_last", "bf16") if fp.get(k)) or "nothing"
+
+    def n(key):
+        return f"  ({counts[key]} instances)" if key in counts else ""
+
+    return [
+        f"  {ours + ' (fast path: ' + what + ')':<52}: {r['onestage_s'] * 1000:9.1f} ms/img{n('onestage')}",
+        f"  {ours + ' (fast path off)':<52}: {r['onestage_plain_s'] * 1000:9.1f} ms/img{n('onestage_plain')}",
+        f"  {theirs:<52}: {r['torchvision_s'] * 1000:9.1f} ms/img{n('torchvision')}",
+        f"  {theirs + ' + the same generic optimisations':<52}: {r['torchvision_fast_s'] * 1000:9.1f} ms/img"
+        f"{n('torchvision_fast')}",
+        f"  {'ratio onestage / torchvision':<52}: {r['ratio']:9.2f}x  (fast path off: {r['ratio_plain']:.2f}x)",
+        f"  {'fair ratio (both with the generic optimisations)':<52}: {r['ratio_fair']:9.2f}x",
+    ]
 
 
 def format_bench(r: dict) -> str:
     """Human-readable table of :func:`run_bench`'s result."""
     return "\n".join([
-        f"FCOS inference, {r['size']}x{r['size']}, batch 1, {r['device']}, median of {r['repeats']} "
-        f"(torch {r['torch']}, torchvision {r['torchvision']})",
-        f"  onestage FCOS ({r['preset']} preset) : {r['onestage_s'] * 1000:9.1f} ms/img",
-        f"  torchvision fcos_resnet50_fpn       : {r['torchvision_s'] * 1000:9.1f} ms/img"
-        f"  (of which transform {r['torchvision_transform_s'] * 1000:.1f} ms)",
-        f"  ratio onestage / torchvision        : {r['ratio']:9.2f}x",
+        f"FCOS inference, {r['size']}x{r['size']}, batch 1, {r['device']} ({r['threads']} threads), median of "
+        f"{r['repeats']}, the four alternating (torch {r['torch']}, torchvision {r['torchvision']})",
+        *_variant_lines(r, f"onestage FCOS ({r['preset']} preset)", "torchvision fcos_resnet50_fpn"),
+        f"  (torchvision's transform alone: {r['torchvision_transform_s'] * 1000:.1f} ms)",
     ] + ([f"  onestage FCOS in onnxruntime        : {r['onnxruntime_s'] * 1000:9.1f} ms/img  "
           f"({r['onnxruntime_ratio']:.2f}x torchvision)"] if "onnxruntime_s" in r else []))
 
@@ -129,7 +226,8 @@ def run_mask_bench(name: str, size: int = 512, repeats: int = 10, warmup: int = 
     """Median seconds per image of onestage model ``name`` vs torchvision ``maskrcnn_resnet50_fpn``, both R-50-FPN
     with random weights, on one ``size×size`` image, each forced to output ``detections`` instances with masks
     (score thresholds 0, ``detections_per_img`` = ``box_detections_per_img`` = ``detections``), so the mask heads
-    run on the same number of instances. The numbers of instances actually returned are reported."""
+    run on the same number of instances; each model as shipped and on the fast path, the four alternating. The
+    numbers of instances actually returned are reported."""
     import torchvision
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
@@ -153,28 +251,23 @@ def run_mask_bench(name: str, size: int = 512, repeats: int = 10, warmup: int = 
                                    min_size=size, max_size=size, box_score_thresh=0.0,
                                    box_detections_per_img=detections).to(device).eval()
     image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
-    with torch.inference_mode():
-        n_ours = int(ours([image])[0]["masks"].shape[0])
-        n_theirs = int(theirs([image])[0]["masks"].shape[0])
-        t_ours = _time(lambda: ours([image]), repeats, warmup, device)
-        t_theirs = _time(lambda: theirs([image]), repeats, warmup, device)
-    extra = _onnx_time(ours, image, repeats, warmup, t_theirs) if onnx else {}
-    return {**extra, "model": name, "device": str(device), "size": size, "repeats": repeats, "preset": preset,
-            "torch": torch.__version__, "torchvision": torchvision.__version__, "onestage_s": t_ours,
-            "torchvision_s": t_theirs, "ratio": t_ours / t_theirs, "instances_onestage": n_ours,
-            "instances_torchvision": n_theirs}
+    r = _fast_variants(ours, theirs, image, repeats, warmup, device)
+    counts = {k: int(v["masks"].shape[0]) for k, v in r.pop("outputs").items()}
+    extra = _onnx_time(ours, image, repeats, warmup, r["torchvision_s"]) if onnx else {}
+    return {**extra, **r, "model": name, "device": str(device), "size": size, "repeats": repeats, "preset": preset,
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "instances": counts, "instances_onestage": counts["onestage"],
+            "instances_torchvision": counts["torchvision"]}
 
 
 def format_mask_bench(r: dict) -> str:
-    label = f"onestage {r['model']} ({r['preset']} preset)"
     return "\n".join([
-        f"{r['model']} vs Mask R-CNN inference, {r['size']}x{r['size']}, batch 1, {r['device']}, median of "
-        f"{r['repeats']} (torch {r['torch']}, torchvision {r['torchvision']})",
-        f"  {label:<36}: {r['onestage_s'] * 1000:9.1f} ms/img  ({r['instances_onestage']} instances)",
-        f"  {'torchvision maskrcnn_resnet50_fpn':<36}: {r['torchvision_s'] * 1000:9.1f} ms/img  "
-        f"({r['instances_torchvision']} instances)",
-        f"  {'ratio onestage / torchvision':<36}: {r['ratio']:9.2f}x",
-    ] + ([f"  {'onestage in onnxruntime':<36}: {r['onnxruntime_s'] * 1000:9.1f} ms/img  "
+        f"{r['model']} vs Mask R-CNN inference, {r['size']}x{r['size']}, batch 1, {r['device']} ({r['threads']} "
+        f"threads), median of {r['repeats']}, the four alternating (torch {r['torch']}, torchvision "
+        f"{r['torchvision']})",
+        *_variant_lines(r, f"onestage {r['model']} ({r['preset']} preset)", "torchvision maskrcnn_resnet50_fpn",
+                        r.get("instances")),
+    ] + ([f"  {'onestage in onnxruntime':<52}: {r['onnxruntime_s'] * 1000:9.1f} ms/img  "
           f"({r['instances_onnxruntime']} instances, {r['onnxruntime_ratio']:.2f}x torchvision)"]
          if "onnxruntime_s" in r else []))
 
@@ -316,4 +409,72 @@ def format_nms(r: dict) -> str:
                      f"{row['torchvision_box_ms']:>10.2f}ms{row['matrix_ms'] / row['greedy_ms']:>14.2f}x"
                      f"{row['matrix_ms'] / row['torchvision_box_ms']:>14.1f}x"
                      f"{row['kept_matrix']:>7}/{row['kept_greedy']}/{row['kept_torchvision_box']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fast path's accuracy on the shipped checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+def fast_path_ap(names: Optional[Sequence[str]] = None, max_images: Optional[int] = None, batch_size: int = 2,
+                 progress: bool = True, on_row=None) -> list:
+    """COCO AP (pycocotools) of every shipped checkpoint (``data/checkpoints``, :data:`onestage.engine.shipped.SHIPPED`)
+    on its val split, with the inference fast path off and on (its defaults: BatchNorm folding, channels_last, bf16
+    on CPUs with native bf16): one row per checkpoint with both metric sets, the AP differences and each
+    evaluation's wall seconds (model, post-processing and COCOeval; one after the other, not alternated). A missing
+    checkpoint file is reported as ``missing`` rather than made. ``on_row(rows)`` is called after every checkpoint."""
+    from onestage.config import TrainConfig
+    from onestage.data import dataset_for_config
+    from onestage.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from onestage.engine.evaluate import evaluate
+    from onestage.engine.shipped import SHIPPED, shipped_checkpoint
+    from onestage.modeling.fast_inference import FastInference
+
+    rows = []
+    for recipe in SHIPPED:
+        if names and recipe.name not in names and recipe.model not in names:
+            continue
+        path = shipped_checkpoint(recipe.model, recipe.data)
+        row = {"checkpoint": f"data/checkpoints/{path.name}", "model": recipe.model, "data": recipe.data}
+        if not path.is_file():
+            rows.append({**row, "missing": True})
+            continue
+        ckpt = load_checkpoint(path)
+        model = model_from_checkpoint(ckpt, map_location="cpu").float().eval()
+        tc = ckpt.get("train_cfg") or {}
+        default = TrainConfig()
+        cfg = TrainConfig(test_min_size=tc.get("test_min_size", default.test_min_size),
+                          test_max_size=tc.get("test_max_size", default.test_max_size))
+        dataset = dataset_for_config(recipe.data, "val", cfg, train=False, model=recipe.model)
+        opts = FastInference()
+        for variant, setting in (("plain", False), ("fast", opts)):
+            model.fast_inference = setting
+            t0 = time.perf_counter()
+            row[variant] = evaluate(model, dataset, batch_size=batch_size, max_images=max_images, progress=progress)
+            row[f"{variant}_eval_s"] = round(time.perf_counter() - t0, 2)
+        row["fast_path"] = {"fold_bn": opts.fold_bn, "channels_last": opts.channels_last,
+                            "bf16": opts.uses_bf16(torch.device("cpu"))}
+        row["delta_AP"] = {kind: round(row["fast"][kind]["AP"] - row["plain"][kind]["AP"], 3) for kind in row["plain"]}
+        row["images"] = min(len(dataset), max_images) if max_images else len(dataset)
+        rows.append(row)
+        if on_row is not None:
+            on_row(rows)
+    return rows
+
+
+def format_fast_path_ap(rows: list) -> str:
+    lines = ["COCO AP of the shipped checkpoints, inference fast path off → on (val split)",
+             f"  {'checkpoint':<44}{'box AP':>16}{'mask AP':>16}{'Δ box':>8}{'Δ mask':>8}{'eval s':>14}"]
+    for r in rows:
+        if r.get("missing"):
+            lines.append(f"  {r['checkpoint']:<44}  (missing)")
+            continue
+
+        def pair(kind):
+            return f"{r['plain'][kind]['AP']:.2f} → {r['fast'][kind]['AP']:.2f}" if kind in r["plain"] else "-"
+
+        d = r["delta_AP"]
+        lines.append(f"  {r['checkpoint']:<44}{pair('bbox'):>16}{pair('segm'):>16}{d.get('bbox', 0):>+8.2f}"
+                     + (f"{d['segm']:>+8.2f}" if "segm" in d else f"{'-':>8}")
+                     + f"{r['plain_eval_s']:>7.0f} → {r['fast_eval_s']:.0f}")
     return "\n".join(lines)

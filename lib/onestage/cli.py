@@ -531,6 +531,17 @@ def cmd_bench_executors(args) -> int:
     return 0
 
 
+def cmd_bench_fast_ap(args) -> int:
+    """``bench fast-ap``: COCO AP of every shipped checkpoint with the inference fast path off and on."""
+    from onestage import bench
+    from onestage.experiments.records import write_json_atomic
+
+    rows = bench.fast_path_ap(args.models, progress=not getattr(args, "no_progress", False),
+                              on_row=(lambda rows: write_json_atomic(args.json, rows)) if args.json else None)
+    print(bench.format_fast_path_ap(rows))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from onestage import bench
 
@@ -540,8 +551,10 @@ def cmd_bench(args) -> int:
         return cmd_bench_regimes(args)
     if list(args.targets) == ["executors"]:
         return cmd_bench_executors(args)
-    if {"train", "regimes", "executors"} & set(args.targets):
-        raise UserError("'bench train', 'bench regimes' and 'bench executors' take no other target")
+    if list(args.targets) == ["fast-ap"]:
+        return cmd_bench_fast_ap(args)
+    if {"train", "regimes", "executors", "fast-ap"} & set(args.targets):
+        raise UserError("'bench train', 'bench regimes', 'bench executors' and 'bench fast-ap' take no other target")
     targets = list(args.targets) or ["fcos", "condinst", "blendmask", "solov2", "mask-heads", "nms"]
     if "all" in targets:
         targets = list(BENCH_TARGETS)
@@ -833,7 +846,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"what to time: {', '.join(BENCH_TARGETS)} or all (default: every model, mask-heads and "
                         "nms); or 'train' alone (a training step's parts per model, preset and thread count) or "
                         "'regimes' alone (training seconds to a target AP per preset) or 'executors' alone (what the Ray "
-                        "executor adds per reproduce run over the local one)")
+                        "executor adds per reproduce run over the local one) or 'fast-ap' alone (COCO AP of every "
+                        "shipped checkpoint with the inference fast path off and on)")
     b.add_argument("--size", type=int, default=512, help="square input side in pixels")
     b.add_argument("--repeats", type=int, default=10, help="timed runs (the median is reported)")
     b.add_argument("--warmup", type=int, default=3, help="untimed runs first")

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from onestage.modeling.fast_inference import plain_inference
 from onestage.structures import masks_to_boxes
 
 __all__ = ["OnnxDetector", "export_onnx", "onnx_session", "run_onnx", "EXPORT_OPSET", "fcos_detections",
@@ -463,7 +464,7 @@ def verify_onnx(model: nn.Module, path: Path, size: Tuple[int, int], images: Opt
         images = [_probe_image(size)]
     lines = []
     for k, image in enumerate(images):
-        with torch.no_grad():
+        with torch.no_grad(), plain_inference(model):  # the graph holds the fp32 model, unfolded
             ref = model.eval()([image])[0]
         cmp = compare_detections(run_onnx(session, image), ref)
         if cmp["max_box_diff"] is None:

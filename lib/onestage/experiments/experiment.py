@@ -102,10 +102,13 @@ def head_output_mib(model, image) -> Optional[float]:
     if "dense_masks" in inspect.signature(head.forward).parameters:
         handles.append(head.register_forward_pre_hook(
             lambda _m, args, kwargs: (args, {**kwargs, "dense_masks": True}), with_kwargs=True))
+    from onestage.modeling.fast_inference import plain_inference
+
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        # the plain path: the hooks sit on this model's head (the fast path runs a copy), and in fp32
+        with torch.inference_mode(), plain_inference(model):
             model([image.to(device)])
     finally:
         for handle in handles:
@@ -116,10 +119,18 @@ def head_output_mib(model, image) -> Optional[float]:
 
 def cost_summary(model, dataset, inference_ms_per_image: float) -> dict:
     """What a run costs, recorded as ``record["cost"]`` and readable by reports as ``cost.<name>``:
-    ``inference_ms`` (batch 1, mean), ``params_M``, and ``head_output_mib`` (see :func:`head_output_mib`; None
-    where not measurable)."""
+    ``inference_ms`` (batch 1, mean), ``params_M``, ``head_output_mib`` (see :func:`head_output_mib`; None
+    where not measurable) and ``inference_fast_path``: what of the inference fast path ``inference_ms`` ran with
+    (:mod:`onestage.modeling.fast_inference`; None: off), so that records timed before and after it are told apart."""
+    from onestage.modeling.fast_inference import fast_inference_options
+
+    opts = fast_inference_options(model)
+    device = next(model.parameters()).device
     return {
         "inference_ms": float(inference_ms_per_image),
+        "inference_fast_path": None if opts is None else {
+            "fold_bn": opts.fold_bn, "channels_last": opts.channels_last and device.type == "cpu",
+            "bf16": opts.uses_bf16(device)},
         "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
         "head_output_mib": head_output_mib(model, dataset[0][0]),
     }

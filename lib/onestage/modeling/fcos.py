@@ -31,6 +31,7 @@ import onestage.ops
 from onestage.modeling.backbone import (CPU_BACKBONE_PRESET, SMOKE_BACKBONE_PRESET, BackboneConfig, build_backbone,
                                         level_stride)
 from onestage.modeling.losses import iou_loss_ltrb
+from onestage.modeling import fast_inference
 from onestage.modeling.parts import ForwardParts
 from onestage.structures import normalize_and_pad
 
@@ -637,7 +638,6 @@ class FCOS(nn.Module):
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None):
         if self.training and targets is None:
             raise ValueError(f"{type(self).__name__} needs targets in training mode")
-        parts = self.forward_parts(images)
-        if self.training:
-            return self.losses_from_parts(parts, targets)
-        return self.detect(parts)
+        if not self.training:  # detect(forward_parts(...)), on the fast path where it applies
+            return fast_inference.inference(self, images)
+        return self.losses_from_parts(self.forward_parts(images), targets)

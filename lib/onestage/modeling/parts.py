@@ -8,7 +8,8 @@ Every model has the same three methods, and its own ``forward`` is written with 
   controller's ``params`` at every location; BlendMask: ``bases``, ``sem_logits`` and the top layer's
   ``attentions``; SOLOv2: ``mask_features`` F; SOLO: none, its masks are head outputs).
 * ``model.detect(parts, with_origin=False)`` → one dict per image (``boxes``, ``scores``, ``labels`` and, for the
-  instance models, ``masks``): exactly ``model(images)`` in eval mode. ``with_origin=True`` adds where each
+  instance models, ``masks``): exactly ``model(images)`` in eval mode on the plain path (the default fast path,
+  :mod:`onestage.modeling.fast_inference`, computes the same on folded weights, in bf16 where the CPU has it). ``with_origin=True`` adds where each
   detection came from — FCOS family: ``location_inds`` (index over all levels' locations, the order of
   ``flatten_levels``), ``fpn_levels`` and ``locations`` (x, y px); CondInst also ``params`` (its dynamic head);
   BlendMask ``attentions`` (``N×K×M×M``); SOLO family: ``cells`` (index over all levels' cells), ``fpn_levels``;

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 import onestage.ops
 from onestage.modeling.backbone import CPU_BACKBONE_PRESET, SMOKE_BACKBONE_PRESET, BackboneConfig, build_backbone
 from onestage.modeling.losses import dice_loss
+from onestage.modeling import fast_inference
 from onestage.modeling.parts import ForwardParts
 from onestage.structures import mask_nms, masks_to_boxes, normalize_and_pad
 
@@ -839,10 +840,9 @@ class SOLO(nn.Module):
         if self.training and targets is None:
             raise ValueError(f"{type(self).__name__} needs targets in training mode")
         # only the mask channels the loss or the candidates read are computed (``cell_mask_logits``)
-        parts = self.forward_parts(images)
-        if self.training:
-            return self.losses_from_parts(parts, targets)
-        return self.detect(parts)
+        if not self.training:  # detect(forward_parts(...)), on the fast path where it applies
+            return fast_inference.inference(self, images)
+        return self.losses_from_parts(self.forward_parts(images), targets)
 
 
 class DecoupledSOLO(SOLO):

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from onestage.modeling.backbone import CPU_BACKBONE_PRESET, SMOKE_BACKBONE_PRESET, BackboneConfig, build_backbone
 from onestage.modeling.losses import dice_loss
+from onestage.modeling import fast_inference
 from onestage.modeling.parts import ForwardParts
 from onestage.modeling.solo import (
     PAPER_GRIDS,
@@ -364,7 +365,6 @@ class SOLOv2(nn.Module):
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None):
         if self.training and targets is None:
             raise ValueError("SOLOv2 needs targets in training mode")
-        parts = self.forward_parts(images)
-        if self.training:
-            return self.losses_from_parts(parts, targets)
-        return self.detect(parts)
+        if not self.training:  # detect(forward_parts(...)), on the fast path where it applies
+            return fast_inference.inference(self, images)
+        return self.losses_from_parts(self.forward_parts(images), targets)

@@ -205,8 +205,9 @@ def explain(model, image: Tensor, class_names: Optional[Sequence[str]] = None) -
     """Run ``model`` on one ``3×H×W`` image (eval mode, restored after) and keep its detections with their origin.
 
     The detections, masks included, are the model's own: ``model.detect(model.forward_parts([image]),
-    with_origin=True)`` (:mod:`onestage.modeling.parts`), the same as ``model([image])``. Work done here once serves
-    every detection's panels."""
+    with_origin=True)`` (:mod:`onestage.modeling.parts`), the same as ``model([image])`` on the plain path
+    (:func:`onestage.modeling.fast_inference.plain_inference`; the default fast path's bf16 may move scores by
+    rounding). Work done here once serves every detection's panels."""
     family = model_family(model)
     names = list(class_names or getattr(model, "class_names", None) or []) or None
     parts, det, note = parts_for_display(model, image)
