@@ -128,7 +128,7 @@ def test_fp32_fast_path_is_the_plain_path(name, shipped, val_images):
         if "masks" in a:
             differ = (a["masks"] != b["masks"]).flatten(1).float().mean(1)
             assert float(differ.max()) < 1e-3
-    twin = model.__dict__["_fast_twin"][1]
+    twin = fi._TWINS[model][1]
     assert not any(isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)) for m in twin.backbone.body.modules())
 
 
@@ -162,19 +162,20 @@ def test_switches_and_when_it_applies(monkeypatch):
     with torch.no_grad():
         model.fast_inference = False
         model(images)
-        assert "_fast_twin" not in model.__dict__
+        assert model not in fi._TWINS
         del model.fast_inference
         monkeypatch.setenv(fi.ENV_SWITCH, "0")
         model(images)
-        assert "_fast_twin" not in model.__dict__
+        assert model not in fi._TWINS
         monkeypatch.delenv(fi.ENV_SWITCH)
     model(images)  # gradients enabled: the real parameters, no twin
-    assert "_fast_twin" not in model.__dict__
+    assert model not in fi._TWINS
     keys = set(model.state_dict())
     with torch.no_grad():
         model(images)
-    assert "_fast_twin" in model.__dict__
-    assert set(model.state_dict()) == keys and "_fast_twin" not in dict(model.named_modules())
+    assert model in fi._TWINS
+    assert set(model.state_dict()) == keys
+    assert __import__("copy").deepcopy(model) not in fi._TWINS  # a copy of the model does not carry the twin
     with pytest.raises(TypeError):
         model.fast_inference = "yes"
         fi.fast_inference_options(model)
@@ -185,14 +186,14 @@ def test_twin_follows_the_weights_and_the_thresholds():
     model.fast_inference = FP32
     with torch.no_grad():
         model([image])
-        first = model.__dict__["_fast_twin"][1]
+        first = fi._TWINS[model][1]
         model([image])
-        assert model.__dict__["_fast_twin"][1] is first  # cached while nothing changes
+        assert fi._TWINS[model][1] is first  # cached while nothing changes
         model.head.cls_logits.bias.add_(5.0)  # in place, as an optimizer step: every location now scores high
         with plain_inference(model):
             plain = model([image])[0]
         fast = model([image])[0]
-        assert model.__dict__["_fast_twin"][1] is not first
+        assert fi._TWINS[model][1] is not first
         assert len(plain["scores"]) == len(fast["scores"]) > 0
         torch.testing.assert_close(fast["scores"], plain["scores"], rtol=0, atol=1e-4)
         import dataclasses

@@ -14,8 +14,8 @@ Three generic optimisations, none of which changes the algorithm:
   ``torch.autocast("cpu", torch.bfloat16)``; their outputs are cast back to fp32 before inference proper
   (``model.detect``: decoding, NMS, dynamic mask heads, the blender, Matrix NMS), which stays in fp32.
 
-It runs on a copy of the model (the *twin*), kept outside the module tree (no extra ``state_dict`` keys, nothing
-for ``.to()`` or an optimizer to see) and rebuilt when any parameter or buffer changes (an optimizer step,
+It runs on a copy of the model (the *twin*), kept outside the module tree in a weak-keyed table (no extra
+``state_dict`` keys, nothing for ``.to()``, an optimizer, ``pickle`` or ``copy.deepcopy`` to see) and rebuilt when any parameter or buffer changes (an optimizer step,
 ``load_state_dict``, ``.to(device)``), so training and checkpoints never see folded weights. The twin costs one
 more copy of the weights in memory.
 
@@ -32,6 +32,7 @@ import copy
 import dataclasses
 import os
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -126,9 +127,13 @@ def inference(model: nn.Module, images: Sequence[Tensor]) -> List[dict]:
 # The twin
 # ---------------------------------------------------------------------------------------------------------------
 
-#: Attributes of a model's ``__dict__`` that are not copied into the twin: the twin itself, and the training-time
-#: feature cache of the backbone (it can hold gigabytes; inference does not use it).
-_NOT_COPIED = ("_fast_twin", "feature_cache", "_cached_prefix", "_cached_stages")
+#: model → (key, twin). Weak keys: a twin lives as long as its model, and is never pickled, saved or deep-copied
+#: with it.
+_TWINS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+#: Attributes of a module's ``__dict__`` that are not copied into the twin: the training-time feature cache of the
+#: backbone (it can hold gigabytes; inference does not use it).
+_NOT_COPIED = ("feature_cache", "_cached_prefix", "_cached_stages")
 
 
 def _fingerprint(model: nn.Module) -> tuple:
@@ -162,13 +167,14 @@ def _trace_images(model: nn.Module) -> List[Tensor]:
 def fast_twin(model: nn.Module, opts: FastInference) -> nn.Module:
     """The model's fast copy for ``opts``, built on first use and whenever the model's weights change."""
     key = (opts, _fingerprint(model))
-    cached = model.__dict__.get("_fast_twin")
+    cached = _TWINS.get(model)
     if cached is not None and cached[0] == key:
         twin = cached[1]
     else:
+        _TWINS.pop(model, None)  # free the stale twin before building the next
         with torch.inference_mode(False), torch.no_grad():
             twin = _build_twin(model, opts)
-        model.__dict__["_fast_twin"] = (key, twin)
+        _TWINS[model] = (key, twin)
     twin.cfg = model.cfg  # thresholds changed on the model (e.g. ``parts.low_thresholds``) apply to the twin
     return twin
 
