@@ -219,3 +219,33 @@ def test_alternating_order():
     fns = {k: (lambda k=k: calls.append(k)) for k in "ABC"}
     bench._alternating(fns, repeats=3, warmup=1, device=torch.device("cpu"))
     assert "".join(calls) == "ABC" + "ABC" + "CBA" + "ABC"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_bf16_keeps_the_prediction_layers_in_fp32(name):
+    """Under bf16 the towers compute in bf16, and the layers each model lists in fp32_layers() in fp32; a wrapped
+    layer still exposes its weights (SOLO's sparse inference reads them)."""
+    torch.manual_seed(0)
+    model = onestage.build_model(name, preset="smoke", num_classes=3).eval()
+    model.fast_inference = FastInference(bf16=True)
+    with torch.no_grad():
+        model([torch.rand(3, 64, 64)])
+    twin = fi._TWINS[model][1]
+    wrapped = {n: m for n, m in twin.named_modules() if isinstance(m, fi.Float32)}
+    assert wrapped and all(any(n == f or n.startswith(f + ".") for f in model.fp32_layers()) for n in wrapped)
+    dtypes = {}
+    def record(name):
+        def hook(module, inputs, output):
+            dtypes.setdefault(name, output.dtype)
+        return hook
+
+    hooks = [m.register_forward_hook(record(n))
+             for n, m in twin.named_modules() if isinstance(m, (nn.Conv2d, fi.Float32)) and not n.endswith(".module")]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        twin.forward_parts([torch.rand(3, 64, 64)])
+    for h in hooks:
+        h.remove()
+    assert all(dtypes[n] == torch.float32 for n in wrapped if n in dtypes)
+    assert any(d == torch.bfloat16 for n, d in dtypes.items() if n not in wrapped)
+    first = next(iter(wrapped.values()))
+    assert first.weight is first.module.weight

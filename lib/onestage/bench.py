@@ -417,10 +417,10 @@ def format_nms(r: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 def fast_path_ap(names: Optional[Sequence[str]] = None, max_images: Optional[int] = None, batch_size: int = 2,
-                 progress: bool = True, on_row=None) -> list:
+                 progress: bool = True, on_row=None, options=None) -> list:
     """COCO AP (pycocotools) of every shipped checkpoint (``data/checkpoints``, :data:`onestage.engine.shipped.SHIPPED`)
-    on its val split, with the inference fast path off and on (its defaults: BatchNorm folding, channels_last, bf16
-    on CPUs with native bf16): one row per checkpoint with both metric sets, the AP differences and each
+    on its val split, with the inference fast path off and on (``options``, a
+    :class:`~onestage.modeling.fast_inference.FastInference`; default: its defaults): one row per checkpoint with both metric sets, the AP differences and each
     evaluation's wall seconds (model, post-processing and COCOeval; one after the other, not alternated). A missing
     checkpoint file is reported as ``missing`` rather than made. ``on_row(rows)`` is called after every checkpoint."""
     from onestage.config import TrainConfig
@@ -446,7 +446,7 @@ def fast_path_ap(names: Optional[Sequence[str]] = None, max_images: Optional[int
         cfg = TrainConfig(test_min_size=tc.get("test_min_size", default.test_min_size),
                           test_max_size=tc.get("test_max_size", default.test_max_size))
         dataset = dataset_for_config(recipe.data, "val", cfg, train=False, model=recipe.model)
-        opts = FastInference()
+        opts = options or FastInference()
         for variant, setting in (("plain", False), ("fast", opts)):
             model.fast_inference = setting
             t0 = time.perf_counter()

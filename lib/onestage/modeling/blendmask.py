@@ -418,6 +418,11 @@ class BlendMask(FCOS):
             out.append(det)
         return out
 
+    def fp32_layers(self) -> tuple:
+        """FCOS's prediction layers plus the attentions' conv and the bases' last conv."""
+        extra = ("top_layer",) if self.top_layer is not None else ()
+        return super().fp32_layers() + extra + (f"basis_module.tower.{len(self.basis_module.tower) - 1}",)
+
     def forward_parts(self, images: Sequence[Tensor]) -> ForwardParts:
         """FCOS's parts, and the mask inputs: ``bases`` (``B×K×h×w`` at ``basis_stride``), ``sem_logits`` (the
         auxiliary semantic head's, ``None`` without it) and ``attentions`` (``B×L×(K·M·M)`` at every location,

@@ -319,6 +319,10 @@ class CondInst(FCOS):
         return full > self.cfg.mask_threshold
 
     # -- forward ------------------------------------------------------------------------------------------------
+    def fp32_layers(self) -> tuple:
+        """FCOS's prediction layers plus the controller (the dynamic heads' parameters) and F_mask's last conv."""
+        return super().fp32_layers() + ("controller", "mask_branch.out")
+
     def forward_parts(self, images: Sequence[Tensor]) -> ForwardParts:
         """FCOS's parts, and the mask inputs: ``mask_feats`` (F_mask, ``B×Cmask×h×w`` at the mask branch's stride)
         and ``params`` (``B×L×P``, the controller's dynamic head at every location)."""

@@ -635,6 +635,11 @@ class FCOS(nn.Module):
         return postprocess(parts.head, parts.locations, self.strides, parts.image_sizes, **postprocess_kwargs(
             self.cfg, nms_thresh=1.0, detections_per_img=most, return_indices=True))
 
+    def fp32_layers(self) -> tuple:
+        """The prediction layers the bf16 inference fast path keeps in fp32 (:mod:`onestage.modeling.fast_inference`):
+        scores, box distances, center-ness — the outputs inference decodes directly."""
+        return tuple(n for n in ("head.cls_logits", "head.bbox_pred", "head.ctrness") if getattr(self.head, n[5:]))
+
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None):
         if self.training and targets is None:
             raise ValueError(f"{type(self).__name__} needs targets in training mode")

@@ -836,6 +836,12 @@ class SOLO(nn.Module):
         h, w = parts.canvas_hw
         return self._mask_probs_fn(parts.head, image, (h // 4, w // 4))(cells)
 
+    def fp32_layers(self) -> tuple:
+        """The prediction layers the bf16 inference fast path keeps in fp32 (:mod:`onestage.modeling.fast_inference`):
+        the category conv and the per-level mask convs (vanilla: S² channels, decoupled: S + S)."""
+        masks = ("head.mask_preds",) if self.cfg.head == "vanilla" else ("head.mask_preds_x", "head.mask_preds_y")
+        return ("head.cate_pred",) + masks
+
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None):
         if self.training and targets is None:
             raise ValueError(f"{type(self).__name__} needs targets in training mode")

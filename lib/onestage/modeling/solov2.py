@@ -362,6 +362,11 @@ class SOLOv2(nn.Module):
         """Mask probabilities ``N×h×w`` at stride 4 of the canvas of ``cells`` of image ``image``: σ(G_cell ∗ F)."""
         return dynamic_masks(self.flat_kernels(parts.head, image)[cells], parts.head.mask_features[image]).sigmoid()
 
+    def fp32_layers(self) -> tuple:
+        """The prediction layers the bf16 inference fast path keeps in fp32 (:mod:`onestage.modeling.fast_inference`):
+        the category conv, the kernel conv (the dynamic kernels) and the mask feature branch's last conv."""
+        return ("head.cate_pred", "head.kernel_pred", "mask_branch.pred")
+
     def forward(self, images: Sequence[Tensor], targets: Optional[Sequence[dict]] = None):
         if self.training and targets is None:
             raise ValueError("SOLOv2 needs targets in training mode")
