@@ -170,6 +170,11 @@ def test_switches_and_when_it_applies(monkeypatch):
         monkeypatch.delenv(fi.ENV_SWITCH)
     model(images)  # gradients enabled: the real parameters, no twin
     assert model not in fi._TWINS
+    fast = onestage.build_model("condinst", preset="smoke", num_classes=3, freeze_at=2).eval()
+    fast.backbone.attach_feature_cache()
+    with torch.no_grad():
+        fast(images)  # a training-time feature cache is attached: it serves, on the plain path
+    assert fast not in fi._TWINS and fast.backbone.feature_cache.stats["misses"] == 1
     keys = set(model.state_dict())
     with torch.no_grad():
         model(images)

@@ -23,7 +23,8 @@ more copy of the weights in memory.
 On by default. Off, for everything: environment variable ``ONESTAGE_FAST_INFERENCE=0``. Off or tuned for one model:
 ``model.fast_inference = False`` or ``model.fast_inference = FastInference(bf16=False)``. It never applies in
 training mode, with gradients enabled (so saliency or other gradient analysis sees the real parameters), while
-tracing or exporting (``torch.jit``, ``torch.onnx``, ``torch.compile``), nor to ``model.forward_parts`` /
+tracing or exporting (``torch.jit``, ``torch.onnx``, ``torch.compile``), while a training-time feature cache is
+attached to the backbone (the evaluations inside a ``fast``-preset training run read it), nor to ``model.forward_parts`` /
 ``model.detect`` called directly (the walkthroughs' intermediate results are the plain model's).
 """
 from __future__ import annotations
@@ -100,6 +101,11 @@ def plain_inference(model: nn.Module):
 
 def _applies(model: nn.Module) -> bool:
     if model.training or torch.is_grad_enabled():
+        return False
+    backbone = getattr(model, "backbone", None)
+    if getattr(backbone, "feature_cache", None) is not None:
+        # a training-time feature cache is attached (the ``fast`` training preset): its cached frozen-prefix
+        # features serve this evaluation too, on the plain path they were computed with
         return False
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export():
         return False
