@@ -3,6 +3,9 @@ and the unfolded modules, the fast path's detections against the plain path's on
 switches. Speed is measured by ``python -m onestage bench``, never here."""
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 import torchvision
@@ -41,7 +44,7 @@ def test_fold_matches_torch_fx_fuse():
     torch.manual_seed(0)
     model = _randomise_bn(torchvision.models.resnet18(num_classes=10)).eval()
     x = torch.rand(2, 3, 64, 64)
-    ours = __import__("copy").deepcopy(model)
+    ours = copy.deepcopy(model)
     pairs = fold_batchnorm(ours, lambda m: m(x))
     assert len(pairs) == 20 and ("layer1.0.conv1", "layer1.0.bn1") in pairs
     assert ("layer2.0.downsample.0", "layer2.0.downsample.1") in pairs
@@ -180,7 +183,7 @@ def test_switches_and_when_it_applies(monkeypatch):
         model(images)
     assert model in fi._TWINS
     assert set(model.state_dict()) == keys
-    assert __import__("copy").deepcopy(model) not in fi._TWINS  # a copy of the model does not carry the twin
+    assert copy.deepcopy(model) not in fi._TWINS  # a copy of the model does not carry the twin
     with pytest.raises(TypeError):
         model.fast_inference = "yes"
         fi.fast_inference_options(model)
@@ -201,8 +204,6 @@ def test_twin_follows_the_weights_and_the_thresholds():
         assert fi._TWINS[model][1] is not first
         assert len(plain["scores"]) == len(fast["scores"]) > 0
         torch.testing.assert_close(fast["scores"], plain["scores"], rtol=0, atol=1e-4)
-        import dataclasses
-
         model.cfg = dataclasses.replace(model.cfg, score_thresh=0.99)  # above every score: nothing is detected
         assert len(model([image])[0]["scores"]) == 0
 

@@ -111,31 +111,27 @@ def generic_fast_torchvision(model, image: torch.Tensor, bf16: bool):
 def _fast_variants(ours, theirs, image, repeats: int, warmup: int, device: torch.device) -> dict:
     """Times four variants alternating in one run: our model on its default inference fast path and with it off,
     torchvision's model as it ships and with the same generic optimisations (:func:`generic_fast_torchvision`)."""
-    from onestage.modeling.fast_inference import FastInference, fast_inference_options
+    from onestage.modeling.fast_inference import FastInference, fast_inference_options, plain_inference
 
     opts = fast_inference_options(ours) or FastInference()
-    bf16 = opts.uses_bf16(device)
-    theirs_fast, folded = generic_fast_torchvision(theirs, image, bf16)
+    applied = opts.applied(device)
+    theirs_fast, folded = generic_fast_torchvision(theirs, image, applied["bf16"])
 
-    def run_ours(fast: bool):
-        ours.fast_inference = opts if fast else False
-        try:
+    def ours_plain():
+        with plain_inference(ours):
             return ours([image])
-        finally:
-            ours.fast_inference = opts
 
     with torch.inference_mode():
-        outputs = {"onestage": run_ours(True)[0], "onestage_plain": run_ours(False)[0],
+        outputs = {"onestage": ours([image])[0], "onestage_plain": ours_plain()[0],
                    "torchvision": theirs([image])[0], "torchvision_fast": theirs_fast()[0]}
-        t = _alternating({"onestage": lambda: run_ours(True), "onestage_plain": lambda: run_ours(False),
+        t = _alternating({"onestage": lambda: ours([image]), "onestage_plain": ours_plain,
                           "torchvision": lambda: theirs([image]), "torchvision_fast": theirs_fast},
                          repeats, warmup, device)
     return {"onestage_s": t["onestage"], "onestage_plain_s": t["onestage_plain"], "torchvision_s": t["torchvision"],
             "torchvision_fast_s": t["torchvision_fast"], "ratio": t["onestage"] / t["torchvision"],
             "ratio_plain": t["onestage_plain"] / t["torchvision"],
             "ratio_fair": t["onestage"] / t["torchvision_fast"],
-            "fast_path": {"fold_bn": opts.fold_bn, "channels_last": opts.channels_last and device.type == "cpu",
-                          "bf16": bf16}, "torchvision_norms_folded": folded,
+            "fast_path": applied, "torchvision_norms_folded": folded,
             "threads": torch.get_num_threads(), "outputs": outputs}
 
 
@@ -452,8 +448,7 @@ def fast_path_ap(names: Optional[Sequence[str]] = None, max_images: Optional[int
             t0 = time.perf_counter()
             row[variant] = evaluate(model, dataset, batch_size=batch_size, max_images=max_images, progress=progress)
             row[f"{variant}_eval_s"] = round(time.perf_counter() - t0, 2)
-        row["fast_path"] = {"fold_bn": opts.fold_bn, "channels_last": opts.channels_last,
-                            "bf16": opts.uses_bf16(torch.device("cpu"))}
+        row["fast_path"] = opts.applied(torch.device("cpu"))
         row["delta_AP"] = {kind: round(row["fast"][kind]["AP"] - row["plain"][kind]["AP"], 3) for kind in row["plain"]}
         row["images"] = min(len(dataset), max_images) if max_images else len(dataset)
         rows.append(row)

@@ -65,19 +65,9 @@ def time_inference(model, dataset, num_images: int = 20, warmup: int = 2) -> flo
 
 def _tensor_bytes(obj) -> int:
     """Bytes of every tensor inside ``obj`` (tensors, lists/tuples/dicts and dataclass-like objects of them)."""
-    import dataclasses
+    from onestage.modeling.parts import flat_tensors
 
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(x) for x in obj)
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(x) for x in obj.values())
-    if dataclasses.is_dataclass(obj):
-        return sum(_tensor_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
-    return 0
+    return sum(t.numel() * t.element_size() for t in flat_tensors(obj))
 
 
 def head_output_mib(model, image) -> Optional[float]:
@@ -125,12 +115,9 @@ def cost_summary(model, dataset, inference_ms_per_image: float) -> dict:
     from onestage.modeling.fast_inference import fast_inference_options
 
     opts = fast_inference_options(model)
-    device = next(model.parameters()).device
     return {
         "inference_ms": float(inference_ms_per_image),
-        "inference_fast_path": None if opts is None else {
-            "fold_bn": opts.fold_bn, "channels_last": opts.channels_last and device.type == "cpu",
-            "bf16": opts.uses_bf16(device)},
+        "inference_fast_path": None if opts is None else opts.applied(next(model.parameters()).device),
         "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
         "head_output_mib": head_output_mib(model, dataset[0][0]),
     }

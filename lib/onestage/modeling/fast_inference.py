@@ -16,8 +16,8 @@ Three generic optimisations, none of which changes the algorithm:
   decoding, NMS, dynamic mask heads, the blender, Matrix NMS), which stays in fp32.
 
 It runs on a copy of the model (the *twin*), kept outside the module tree in a weak-keyed table (no extra
-``state_dict`` keys, nothing for ``.to()``, an optimizer, ``pickle`` or ``copy.deepcopy`` to see) and rebuilt when any parameter or buffer changes (an optimizer step,
-``load_state_dict``, ``.to(device)``), so training and checkpoints never see folded weights. The twin costs one
+``state_dict`` keys, nothing for ``.to()``, an optimizer, ``pickle`` or ``copy.deepcopy`` to see) and rebuilt when
+any parameter or buffer changes (an optimizer step, ``load_state_dict``, ``.to(device)``), so training and checkpoints never see folded weights. The twin costs one
 more copy of the weights in memory.
 
 On by default. Off, for everything: environment variable ``ONESTAGE_FAST_INFERENCE=0``. Off or tuned for one model:
@@ -40,6 +40,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from onestage.modeling.parts import flat_tensors, model_device
 
 __all__ = ["FastInference", "fast_inference_options", "inference", "plain_inference", "fold_batchnorm",
            "conv_norm_pairs", "FoldCheckError", "Float32", "keep_fp32", "to_float32", "fast_twin", "ENV_SWITCH"]
@@ -66,6 +68,11 @@ class FastInference:
 
             return cpu_has_native_bf16()
         return bool(self.bf16)
+
+    def applied(self, device: torch.device) -> dict:
+        """What of it runs on ``device``: ``{"fold_bn", "channels_last", "bf16"}`` (channels_last: CPU only)."""
+        return {"fold_bn": self.fold_bn, "channels_last": self.channels_last and device.type == "cpu",
+                "bf16": self.uses_bf16(device)}
 
 
 def fast_inference_options(model: nn.Module) -> Optional[FastInference]:
@@ -120,12 +127,11 @@ def inference(model: nn.Module, images: Sequence[Tensor]) -> List[dict]:
     if opts is None:
         return model.detect(model.forward_parts(images))
     twin = fast_twin(model, opts)
-    device = next(iter(model.parameters())).device
-    bf16 = opts.uses_bf16(device)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    applied = opts.applied(model_device(model))
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if applied["bf16"] else contextlib.nullcontext()
     with ctx:
         parts = twin.forward_parts(images)
-    if bf16 or (opts.channels_last and device.type == "cpu"):
+    if applied["bf16"] or applied["channels_last"]:
         parts = to_float32(parts)
     return twin.detect(parts)
 
@@ -138,37 +144,23 @@ def inference(model: nn.Module, images: Sequence[Tensor]) -> List[dict]:
 #: with it.
 _TWINS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
-#: Attributes of a module's ``__dict__`` that are not copied into the twin: the training-time feature cache of the
-#: backbone (it can hold gigabytes; inference does not use it).
-_NOT_COPIED = ("feature_cache", "_cached_prefix", "_cached_stages")
-
-
 def _fingerprint(model: nn.Module) -> tuple:
     """Changes whenever a parameter or buffer is replaced or modified in place (``_version`` counts in-place ops)."""
     return tuple((t.data_ptr(), t._version, t.dtype) for t in (*model.parameters(), *model.buffers()))
 
 
-def _deepcopy_without(model: nn.Module) -> nn.Module:
-    saved = []
-    for m in model.modules():
-        for name in _NOT_COPIED:
-            if name in m.__dict__:
-                saved.append((m, name, m.__dict__.pop(name)))
-    try:
-        twin = copy.deepcopy(model)
-    finally:
-        for m, name, value in saved:
-            m.__dict__[name] = value
-    for m in twin.modules():
-        if hasattr(type(m), "detach_feature_cache"):
-            m.__dict__["feature_cache"] = None
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` that needs no gradients and never takes the fast path itself. (No feature
+    cache comes along: :func:`inference` does not build a twin while one is attached.)"""
+    twin = copy.deepcopy(model).eval()
+    twin.requires_grad_(False)
+    twin.fast_inference = False
     return twin
 
 
 def _trace_images(model: nn.Module) -> List[Tensor]:
-    device = next(iter(model.parameters())).device
     g = torch.Generator().manual_seed(0)
-    return [torch.rand(3, 96, 128, generator=g).to(device)]
+    return [torch.rand(3, 96, 128, generator=g).to(model_device(model))]
 
 
 def fast_twin(model: nn.Module, opts: FastInference) -> nn.Module:
@@ -187,22 +179,18 @@ def fast_twin(model: nn.Module, opts: FastInference) -> nn.Module:
 
 
 def _build_twin(model: nn.Module, opts: FastInference) -> nn.Module:
-    twin = _deepcopy_without(model).eval()
-    twin.requires_grad_(False)
-    twin.fast_inference = False
-    device = next(iter(model.parameters())).device
+    twin = _plain_copy(model)
+    applied = opts.applied(model_device(model))
     if opts.fold_bn:
         images = _trace_images(model)
         try:
             fold_batchnorm(twin, lambda m: m.forward_parts(images), check=True)
         except FoldCheckError as e:
             warnings.warn(f"fast inference: BatchNorm folding skipped ({e})", RuntimeWarning)
-            twin = _deepcopy_without(model).eval()
-            twin.requires_grad_(False)
-            twin.fast_inference = False
-    if opts.uses_bf16(device):
+            twin = _plain_copy(model)
+    if applied["bf16"]:
         keep_fp32(twin, twin.fp32_layers() if hasattr(twin, "fp32_layers") else ())
-    if opts.channels_last and device.type == "cpu":
+    if applied["channels_last"]:
         twin.to(memory_format=torch.channels_last)
     return twin
 
@@ -294,7 +282,7 @@ def conv_norm_pairs(module: nn.Module, run: Callable[[nn.Module], object]) -> Li
 
 
 def _max_rel_diff(a, b) -> float:
-    flat_a, flat_b = _tensors(a), _tensors(b)
+    flat_a, flat_b = flat_tensors(a), flat_tensors(b)
     if len(flat_a) != len(flat_b):
         return float("inf")
     worst = 0.0
@@ -305,18 +293,6 @@ def _max_rel_diff(a, b) -> float:
             scale = max(float(x.abs().max()), 1e-6)
             worst = max(worst, float((x.float() - y.float()).abs().max()) / scale)
     return worst
-
-
-def _tensors(obj) -> List[Tensor]:
-    if isinstance(obj, Tensor):
-        return [obj]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return [t for f in dataclasses.fields(obj) for t in _tensors(getattr(obj, f.name))]
-    if isinstance(obj, dict):
-        return [t for k in obj for t in _tensors(obj[k])]
-    if isinstance(obj, (list, tuple)):
-        return [t for x in obj for t in _tensors(x)]
-    return []
 
 
 def fold_batchnorm(module: nn.Module, run: Callable[[nn.Module], object], check: bool = True,

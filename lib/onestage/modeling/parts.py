@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["ForwardParts", "low_thresholds", "parts_for_display", "model_device", "BEST_CANDIDATES_NOTE"]
+__all__ = ["ForwardParts", "low_thresholds", "parts_for_display", "model_device", "flat_tensors", "BEST_CANDIDATES_NOTE"]
 
 
 @dataclass
@@ -89,6 +89,20 @@ BEST_CANDIDATES_NOTE = "no detection passes the model's score threshold; showing
 def model_device(model) -> torch.device:
     """The device of the model's parameters (CPU for a model without any)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def flat_tensors(obj) -> List[Tensor]:
+    """Every tensor inside ``obj`` — a tensor, or lists / tuples (NamedTuples) / dicts / dataclasses (a
+    :class:`ForwardParts`, a head's output record) of them — in order."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [t for f in dataclasses.fields(obj) for t in flat_tensors(getattr(obj, f.name))]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in flat_tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for x in obj for t in flat_tensors(x)]
+    return []
 
 
 @torch.no_grad()
