@@ -229,6 +229,33 @@ def test_rows_that_change_inference_only_evaluate_the_source_rows_weights(tmp_pa
     assert alone[0]["parameters"]["weights_from"] == none0["parameters"]["out_dir"]
 
 
+def test_a_row_evaluating_a_shared_baseline_reads_the_weights_of_the_run_it_was_shared_from(tmp_path):
+    """CondInst Table 5's mask-NMS row evaluates the baseline's weights; when the baseline row is a record shared
+    from Table 4's identical run (only the JSON is copied), the weights are read from Table 4's run folder."""
+    nb = write_notebook(tmp_path / "echo.ipynb", DUMMY_PARAMS,
+                        "from onestage.experiments.records import write_json_atomic\n"
+                        "write_json_atomic(record_path, {'status': 'finished', 'weights_from': weights_from})")
+    out = tmp_path / "out"
+    t4 = runner.plan_runs(load_table("condinst_table4"), seeds=1, out=out, rows=["factor=4"], preset="smoke",
+                          notebook=nb)[0]
+    t5 = runner.plan_runs(load_table("condinst_table5"), seeds=1, out=out, preset="smoke", notebook=nb)
+    box, mask = t5
+    assert (box["row"], mask["row"]) == ("box_nms", "mask_nms") and box["config_key"] == t4["config_key"]
+    assert mask["parameters"]["weights_from"] == box["parameters"]["out_dir"]  # as planned: T5's own folder
+    write_json_atomic(t4["record_path"], {"status": "finished", "config_key": t4["config_key"], "metrics": {}})
+    Path(t4["parameters"]["out_dir"]).mkdir(parents=True)
+    (Path(t4["parameters"]["out_dir"]) / "final.pt").write_bytes(b"")
+    summaries, _ = runner.run_jobs(t5, workers=1, progress=False)
+    assert [s["status"] for s in summaries] == ["shared", "finished"]
+    assert not Path(box["parameters"]["out_dir"]).exists()
+    assert read_record(mask["record_path"])["weights_from"] == t4["parameters"]["out_dir"]
+    assert runner.trained_weights_dir(box["record_path"], box["cwd"]) == Path(t4["parameters"]["out_dir"])
+    # planned again with --rows mask_nms (its source outside the plan): the shared record leads to Table 4's weights
+    again = runner.plan_runs(load_table("condinst_table5"), seeds=1, out=out, preset="smoke", rows=["mask_nms"],
+                             notebook=nb)
+    assert again[0]["parameters"]["weights_from"] == t4["parameters"]["out_dir"]
+
+
 def test_records_name_paths_relative_to_the_repository():
     from onestage.experiments.records import repo_relative
 

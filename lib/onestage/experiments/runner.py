@@ -177,12 +177,26 @@ def assign_weight_sources(jobs: list[dict], table: PaperTable, out: Path, seeds:
         if src is None or src[0] == job["row"] or src[1] == job["config_key"]:
             continue
         src_rec = record_path(out, table.id, src[0], job["seed"])
-        src_dir = src_rec.parent / run_stem(src[0], job["seed"])
+        src_dir = trained_weights_dir(src_rec, job["cwd"])
         if (src[0], job["seed"]) not in planned and not (is_finished(src_rec) and (src_dir / "final.pt").is_file()):
             continue
         job["parameters"]["weights_from"] = str(src_dir)
         job["weights_source"] = str(src_rec)
     return sorted(jobs, key=lambda j: "weights_source" in j)  # stable: sources first
+
+
+def trained_weights_dir(rec_path: os.PathLike, cwd: os.PathLike) -> Path:
+    """The folder holding the weights (``final.pt``) of the run recorded at ``rec_path``: its own run folder
+    (``<row>__seed<k>/`` beside the record), or, for a record shared from another table's identical run
+    (``shared_from``), that run's folder — a shared record copies the JSON only. ``cwd``: the root that the
+    record's repository-relative paths are relative to."""
+    rec_path = Path(rec_path)
+    rec = read_record(rec_path) or {}
+    if rec.get("status") == "finished" and rec.get("shared_from"):
+        src = Path(rec["shared_from"])
+        src = src if src.is_absolute() else Path(cwd) / src
+        return src.parent / src.stem
+    return rec_path.parent / rec_path.stem
 
 
 def _run_digest(params: dict, view) -> Optional[str]:
@@ -417,6 +431,9 @@ def run_jobs(jobs: list[dict], workers: int = 1, progress: bool = True,
             summaries.append(share_record(job, source))
         else:
             todo.append(job)
+    for job in todo:  # a weight source that is already done may be a record shared from another table's run
+        if job.get("weights_source") and is_finished(job["weights_source"]):
+            job["parameters"]["weights_from"] = str(trained_weights_dir(job["weights_source"], job["cwd"]))
     if not todo:
         return summaries, False
     interrupted = False
