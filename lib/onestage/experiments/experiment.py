@@ -39,7 +39,9 @@ def time_inference(model, dataset, num_images: int = 20, warmup: int = 2) -> flo
     """
     import torch
 
-    device = next(model.parameters()).device
+    from onestage.modeling.parts import model_device
+
+    device = model_device(model)
     n = min(num_images + warmup, len(dataset))
     if n <= warmup:
         raise ValueError(f"need more than {warmup} images to time inference, dataset has {len(dataset)}")
@@ -83,10 +85,12 @@ def head_output_mib(model, image) -> Optional[float]:
 
     import torch
 
+    from onestage.modeling.parts import model_device
+
     head = getattr(model, "head", None)
     if not isinstance(head, torch.nn.Module):
         return None
-    device = next(model.parameters()).device
+    device = model_device(model)
     seen = []
     handles = [head.register_forward_hook(lambda _m, _inp, out: seen.append(_tensor_bytes(out)))]
     if "dense_masks" in inspect.signature(head.forward).parameters:
@@ -113,11 +117,12 @@ def cost_summary(model, dataset, inference_ms_per_image: float) -> dict:
     where not measurable) and ``inference_fast_path``: what of the inference fast path ``inference_ms`` ran with
     (:mod:`onestage.modeling.fast_inference`; None: off), so that records timed before and after it are told apart."""
     from onestage.modeling.fast_inference import fast_inference_options
+    from onestage.modeling.parts import model_device
 
     opts = fast_inference_options(model)
     return {
         "inference_ms": float(inference_ms_per_image),
-        "inference_fast_path": None if opts is None else opts.applied(next(model.parameters()).device),
+        "inference_fast_path": None if opts is None else opts.applied(model_device(model)),
         "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
         "head_output_mib": head_output_mib(model, dataset[0][0]),
     }

@@ -17,15 +17,16 @@ Three generic optimisations, none of which changes the algorithm:
 
 It runs on a copy of the model (the *twin*), kept outside the module tree in a weak-keyed table (no extra
 ``state_dict`` keys, nothing for ``.to()``, an optimizer, ``pickle`` or ``copy.deepcopy`` to see) and rebuilt when
-any parameter or buffer changes (an optimizer step, ``load_state_dict``, ``.to(device)``), so training and checkpoints never see folded weights. The twin costs one
-more copy of the weights in memory.
+any parameter or buffer changes (an optimizer step, ``load_state_dict``, ``.to(device)``), so training and
+checkpoints never see folded weights. The twin costs one more copy of the weights in memory.
 
 On by default. Off, for everything: environment variable ``ONESTAGE_FAST_INFERENCE=0``. Off or tuned for one model:
 ``model.fast_inference = False`` or ``model.fast_inference = FastInference(bf16=False)``. It never applies in
 training mode, with gradients enabled (so saliency or other gradient analysis sees the real parameters), while
 tracing or exporting (``torch.jit``, ``torch.onnx``, ``torch.compile``), while a training-time feature cache is
-attached to the backbone (the evaluations inside a ``fast``-preset training run read it), nor to ``model.forward_parts`` /
-``model.detect`` called directly (the walkthroughs' intermediate results are the plain model's).
+attached to the backbone (the evaluations inside a ``fast``-preset training run read it), nor to
+``model.forward_parts`` / ``model.detect`` called directly (the walkthroughs' intermediate results are the plain
+model's).
 """
 from __future__ import annotations
 
