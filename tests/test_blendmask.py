@@ -127,6 +127,25 @@ def test_pool_bases_indexes_the_right_image_and_roi_pool_option():
         assert out[0].abs().sum() == 0 and torch.allclose(out[1:], torch.ones(2, 1, 4, 4))
 
 
+def test_pool_bases_under_cpu_bf16_autocast_pools_in_fp32_with_fp32_boxes():
+    """The fast training path runs under bf16 autocast, where the bases arrive in bf16: both poolers must work (the
+    CPU RoIPool kernel has no bf16) and equal fp32 pooling of the same bf16 values at the unrounded boxes, returned
+    in bf16 — RoIPool exactly so, since it only selects values."""
+    g = torch.Generator().manual_seed(0)
+    bases = torch.rand(2, 4, 64, 64, generator=g).to(torch.bfloat16)
+    # coordinates near 200 px are not representable in bf16 (spacing 1.0 there): rounding them would move the crop
+    boxes = [torch.tensor([[3.3, 10.7, 200.7, 180.3]]), torch.tensor([[130.6, 2.2, 251.4, 201.6]])]
+    for pooler in ("roi_align", "roi_pool"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = pool_bases(bases, boxes, resolution=28, stride=4, pooler=pooler)
+        assert out.dtype == torch.bfloat16
+        ref = pool_bases(bases.float(), boxes, resolution=28, stride=4, pooler=pooler)
+        torch.testing.assert_close(out, ref.to(torch.bfloat16), rtol=0, atol=0)
+        rounded = pool_bases(bases.float(), [b.to(torch.bfloat16).float() for b in boxes], resolution=28, stride=4,
+                             pooler=pooler)
+        assert not torch.equal(rounded, ref)  # the box rounding this avoids does change the crops
+
+
 def test_mask_targets_crop_and_resize():
     masks = torch.zeros(2, 32, 32, dtype=torch.uint8)
     masks[0, 8:24, 8:16] = 1  # left half of its box (8, 8)-(24, 24) is the object

@@ -230,16 +230,24 @@ def pool_bases(bases: Tensor, boxes: Sequence[Tensor], resolution: int, stride: 
     sampling point per bin (paper §3.2: "we use sampling ratio 1 for RoIAlign"); ``aligned=True`` shifts the box by
     half a pixel so that a box edge at pixel coordinate ``x`` samples the bases at ``x/stride − 0.5``, the
     continuous coordinate of pixel centres. ``roi_pool``: Fast R-CNN's quantised RoIPool (Table 6 "nearest").
-    Returns ``ΣN×K×R×R`` in the order of the boxes, image after image.
+    Returns ``ΣN×K×R×R`` in the order of the boxes, image after image, in the dtype of ``bases``.
+
+    Both poolers compute in fp32, with the box coordinates in fp32, whatever the dtype of the bases — under bf16
+    autocast the bases arrive in bf16, and rounding the boxes to bf16 would move a coordinate near 200 px by up to
+    half a pixel; torchvision's CPU RoIPool has no bf16 kernel at all. This is what the reference does under mixed
+    precision (detectron2's ``ROIPooler`` passes the fp32 boxes as they are, and torchvision's autocast wrapper of
+    ``roi_align`` computes in fp32); RoIPool selects values, so its bf16 result is exact.
     """
-    boxes = [b.to(bases.dtype) for b in boxes]
+    boxes = [b.to(torch.float32) for b in boxes]
     # full_like, not new_full(len(b)): the batch index column stays traceable for the ONNX export
     rois = torch.cat([torch.cat([torch.full_like(b[:, :1], float(i)), b], dim=1)
-                      for i, b in enumerate(boxes)]) if len(boxes) else bases.new_zeros((0, 5))
+                      for i, b in enumerate(boxes)]) if len(boxes) else bases.new_zeros((0, 5), dtype=torch.float32)
+    x = bases.to(torch.float32)
     if pooler == "roi_pool":
-        return roi_pool(bases, rois, output_size=resolution, spatial_scale=1.0 / stride)
-    return roi_align(bases, rois, output_size=resolution, spatial_scale=1.0 / stride, sampling_ratio=1,
-                     aligned=True)
+        out = roi_pool(x, rois, output_size=resolution, spatial_scale=1.0 / stride)
+    else:
+        out = roi_align(x, rois, output_size=resolution, spatial_scale=1.0 / stride, sampling_ratio=1, aligned=True)
+    return out.to(bases.dtype)
 
 
 def mask_targets(masks: Tensor, boxes: Tensor, resolution: int) -> Tensor:
