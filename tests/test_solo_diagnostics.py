@@ -1,4 +1,5 @@
 """onestage.analysis.solo_diagnostics: positive-cell category / mask quality and class-agnostic AP."""
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -144,3 +145,53 @@ def test_class_agnostic_ap_by_hand():
     assert coco_eval(gt, results, "segm", [1])["AP"] == pytest.approx(0.0)
     assert class_agnostic_ap(gt, results, [1]) == pytest.approx(100.0)
     assert len(gt.dataset["categories"]) == 2  # the ground truth is not modified
+
+
+def test_mask_output_training_pairs_counts_the_pairs_each_mask_output_is_trained_by():
+    """Vanilla: the pairs of cell k land on channel k of their level; Decoupled: on x-map j and y-map i; SOLOv2: all
+    on its one shared output — checked against the assignment itself, per level, with hand-derived totals."""
+    from onestage.analysis.solo_diagnostics import mask_output_training_pairs
+    from onestage.modeling.solo import DecoupledSOLO
+
+    data = _TinyDataset()
+    vanilla = SOLO(SOLOConfig.preset("smoke"), num_classes=7)
+    decoupled = DecoupledSOLO(dataclasses.replace(SOLOConfig.preset("smoke"), head="decoupled"), num_classes=7)
+    v2 = SOLOv2(SOLOv2Config.preset("smoke"), num_classes=7)
+    rv, rd, r2 = (mask_output_training_pairs(m, data) for m in (vanilla, decoupled, v2))
+    grids = vanilla.grid_numbers
+    expected = []  # per level: channel k → pairs, from the assignment
+    for lvl, s in enumerate(grids):
+        counts = torch.zeros(s * s, dtype=torch.long)
+        for image, target in data:
+            cells = vanilla.assign([target], vanilla.preprocess([image])[0].shape[-2:]).cells[lvl]
+            counts += torch.bincount(cells % (s * s), minlength=s * s)
+        expected.append(counts)
+    total = int(sum(c.sum() for c in expected))
+    assert total > 0 and rv["num_pairs"] == rd["num_pairs"] == total
+    assert rv["num_outputs"] == sum(s * s for s in grids) and rd["num_outputs"] == sum(2 * s for s in grids)
+    assert rv["pairs_per_output"]["mean"] == pytest.approx(total / rv["num_outputs"])
+    assert rd["pairs_per_output"]["mean"] == pytest.approx(2 * total / rd["num_outputs"])  # each pair: an x and a y map
+    trained = sum(int((c > 0).sum()) for c in expected)
+    assert rv["pairs_per_output"]["frac_untrained"] == pytest.approx(1 - trained / rv["num_outputs"])
+    for lvl, s in enumerate(grids):
+        assert rv["per_level"][lvl]["pairs"] == int(expected[lvl].sum())
+        assert rv["per_level"][lvl]["pairs_per_output_mean"] == pytest.approx(float(expected[lvl].float().mean()))
+    # SOLOv2: one output, trained by every pair of its own assignment (all levels)
+    total2 = sum(len(c) for image, target in data
+                 for c in v2.assign([target], v2.preprocess([image])[0].shape[-2:]).cells)
+    assert r2["num_outputs"] == 1 and r2["pairs_per_output"]["mean"] == r2["num_pairs"] == total2 > 0
+    assert r2["pairs_per_output"]["frac_untrained"] == 0.0
+    with pytest.raises(TypeError):
+        mask_output_training_pairs(torch.nn.Linear(1, 1), data)
+
+
+def test_training_pairs_command_writes_its_report(tmp_path):
+    from onestage.analysis.solo_diagnostics import main
+
+    out = tmp_path / "pairs.json"
+    report = main(["--training-pairs", "solo,solov2", "--preset", "smoke", "--max-images", "2", "--json", str(out)])
+    import json
+
+    assert json.loads(out.read_text()) == report
+    assert set(report["models"]) == {"solo", "solov2"} and report["models"]["solo"]["images"] == 2
+    assert report["models"]["solo"]["head"] == "vanilla" and report["models"]["solov2"]["num_outputs"] == 1

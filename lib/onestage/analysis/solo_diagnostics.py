@@ -9,6 +9,10 @@ those cells draw is right, and how the candidates are ranked and de-duplicated. 
   branch and the mask branch each judged where they are supposed to be right, with no NMS or threshold involved.
 * :func:`class_agnostic_ap` re-scores the model's COCO results with every category merged into one: the gap to the
   per-class AP is what class confusion costs.
+* :func:`mask_output_training_pairs` needs no weights: how many positive (cell, object) pairs of the training
+  assignment reach each separately parameterised mask output — vanilla SOLO's S² channels per level (each its own
+  1×1 filter), Decoupled SOLO's S + S, SOLOv2's one shared kernel head — i.e. how much training signal a schedule
+  gives each of them.
 
 Used for the SOLOv2 schedule record in ``data/results/solov2_schedule/`` (README "Measured").
 """
@@ -25,7 +29,7 @@ from torch import Tensor
 from onestage.modeling.solo import SOLO, downsample_masks
 from onestage.modeling.solov2 import SOLOv2, dynamic_masks
 
-__all__ = ["positive_cell_diagnostics", "class_agnostic_ap"]
+__all__ = ["positive_cell_diagnostics", "class_agnostic_ap", "mask_output_training_pairs"]
 
 
 def _cell_mask_probs(model, head_out, lvl: int, cells: Tensor) -> Tensor:
@@ -139,31 +143,108 @@ def class_agnostic_ap(coco_gt, results: Sequence[dict], image_ids: Sequence[int]
     return coco_eval(gt, merged_results, iou_type, list(image_ids))["AP"]
 
 
+def mask_output_training_pairs(model, dataset, max_images: Optional[int] = None) -> dict:
+    """Training signal per mask output: the positive (cell, object) pairs of ``model``'s own assignment
+    (``model.assign``, the targets its loss uses) over ``dataset``'s first ``max_images`` images, counted per
+    separately parameterised mask output. Needs no trained weights (the assignment depends on the config only).
+
+    * vanilla SOLO (paper §3): channel ``k = i·S + j`` of level ``l`` is its own 1×1 filter, trained only by the
+      pairs at cell k — ``S²`` outputs per level;
+    * Decoupled SOLO (§4): the mask of cell (i, j) is σ(y_i)·σ(x_j), so a pair trains x-map j and y-map i —
+      ``2S`` outputs per level;
+    * SOLOv2 (arXiv 2003.10152 §3.2): every cell's kernel comes from one shared kernel branch and every mask from one
+      shared mask feature, for all levels — one output, trained by every pair.
+
+    Returns ``images``, ``head``, ``num_pairs``, ``num_outputs``, ``pairs_per_output`` (mean, median, and the
+    fraction of outputs no pair reached), and ``per_level`` (S, outputs, pairs, mean pairs per output, fraction
+    untrained). Divide by ``images`` and multiply by the images a schedule shows (iterations × batch) for that
+    schedule's figures."""
+    if not isinstance(model, (SOLO, SOLOv2)):
+        raise TypeError(f"mask_output_training_pairs needs a SOLO or SOLOv2 model, got {type(model).__name__}")
+    head = "solov2" if isinstance(model, SOLOv2) else model.cfg.head
+    n = len(dataset) if max_images is None else min(max_images, len(dataset))
+    counts = []  # per level: pairs per output
+    for lvl, s in enumerate(model.grid_numbers):
+        counts.append(torch.zeros(1 if head == "solov2" else (s * s if head == "vanilla" else 2 * s),
+                                  dtype=torch.long))
+    with torch.no_grad():
+        for i in range(n):
+            image, target = dataset[i]
+            canvas = model.preprocess([image])[0].shape[-2:]
+            assigned = model.assign([target], canvas)
+            for lvl, (s, cells) in enumerate(zip(model.grid_numbers, assigned.cells)):
+                if cells.numel() == 0:
+                    continue
+                k = cells.cpu() % (s * s)
+                if head == "vanilla":
+                    counts[lvl] += torch.bincount(k, minlength=s * s)
+                elif head == "decoupled":  # x-maps j first, then y-maps i
+                    counts[lvl] += torch.bincount(torch.cat([k % s, s + k // s]), minlength=2 * s)
+                else:
+                    counts[lvl] += len(k)
+    # SOLOv2's kernel branch and mask feature are shared by the levels too: one output for the whole model
+    every = torch.cat(counts).sum(0, keepdim=True).float() if head == "solov2" else torch.cat(counts).float()
+    per_level = [{"level": lvl, "S": int(s), "outputs": int(c.numel()), "pairs": int(c.sum()) // (2 if head ==
+                  "decoupled" else 1), "pairs_per_output_mean": float(c.float().mean()),
+                  "frac_outputs_untrained": float((c == 0).float().mean())}
+                 for lvl, (s, c) in enumerate(zip(model.grid_numbers, counts))]
+    return {"images": n, "head": head, "num_pairs": sum(lv["pairs"] for lv in per_level),
+            "num_outputs": int(every.numel()),
+            "pairs_per_output": {"mean": float(every.mean()), "median": float(every.median()),
+                                 "frac_untrained": float((every == 0).float().mean())},
+            "per_level": per_level}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """``python -m onestage.analysis.solo_diagnostics CHECKPOINT [--size 256] [--max-images 40]``: prints the
-    diagnostics, the per-class and the class-agnostic COCO AP on the first images of the synthetic val split as JSON."""
+    diagnostics, the per-class and the class-agnostic COCO AP on the first images of the synthetic val split as JSON.
+    ``--training-pairs solo,decoupled_solo,solov2 [--preset fast] [--max-images N]`` instead prints
+    :func:`mask_output_training_pairs` for those models (no checkpoint: untrained models of the preset) on the
+    training split as the preset's training run sees it (its size and flips)."""
     import argparse
     import json
 
-    from onestage.data import get_dataset
+    from onestage.data import dataset_for_config, get_dataset
     from onestage.engine.checkpoint import load_model
     from onestage.engine.evaluate import evaluate
 
     p = argparse.ArgumentParser(prog="python -m onestage.analysis.solo_diagnostics", description=main.__doc__)
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", nargs="?")
     p.add_argument("--data", default="synthetic", help="dataset spec for get_dataset (default: synthetic)")
     p.add_argument("--size", type=int, default=320, help="test short side = max side (default: 320)")
     p.add_argument("--max-images", type=int, default=40)
+    p.add_argument("--training-pairs", metavar="MODELS", help="comma-separated SOLO-family model names")
+    p.add_argument("--preset", default="fast", help="with --training-pairs: model and training preset (default: fast)")
+    p.add_argument("--json", help="also write the report to this file")
     args = p.parse_args(argv)
-    model = load_model(args.checkpoint).eval().float()
-    dataset = get_dataset(args.data, split="val", train=False, min_size=(args.size,), max_size=args.size)
-    report = {"checkpoint": str(args.checkpoint), "size": args.size,
-              "positive_cells": positive_cell_diagnostics(model, dataset, args.max_images)}
-    metrics, results = evaluate(model, dataset, max_images=args.max_images, progress=False, return_predictions=True)
-    ids = [int(i) for i in dataset.ids[: report["positive_cells"]["images"]]]  # no image is loaded again
-    report["segm_AP"] = metrics["segm"]["AP"]
-    report["segm_AP_class_agnostic"] = class_agnostic_ap(dataset.coco, results, ids, "segm")
-    print(json.dumps(report, indent=1))
+    if args.training_pairs:
+        from onestage.config import get_train_config
+        from onestage.modeling import build_model
+
+        train_cfg = get_train_config(args.preset)
+        report = {"data": args.data, "preset": args.preset, "split": "train", "models": {}}
+        for name in args.training_pairs.split(","):
+            dataset = dataset_for_config(args.data, "train", train_cfg, model=name)
+            model = build_model(name, args.preset, num_classes=len(dataset.coco.getCatIds()))
+            report["models"][name] = mask_output_training_pairs(model, dataset, args.max_images)
+    elif args.checkpoint:
+        model = load_model(args.checkpoint).eval().float()
+        dataset = get_dataset(args.data, split="val", train=False, min_size=(args.size,), max_size=args.size)
+        report = {"checkpoint": str(args.checkpoint), "size": args.size,
+                  "positive_cells": positive_cell_diagnostics(model, dataset, args.max_images)}
+        metrics, results = evaluate(model, dataset, max_images=args.max_images, progress=False,
+                                    return_predictions=True)
+        ids = [int(i) for i in dataset.ids[: report["positive_cells"]["images"]]]  # no image is loaded again
+        report["segm_AP"] = metrics["segm"]["AP"]
+        report["segm_AP_class_agnostic"] = class_agnostic_ap(dataset.coco, results, ids, "segm")
+    else:
+        p.error("give a CHECKPOINT or --training-pairs MODELS")
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        from onestage.experiments.records import write_text_atomic
+
+        write_text_atomic(args.json, text + "\n")
     return report
 
 
