@@ -1,5 +1,7 @@
 """onestage.analysis.solo_diagnostics: positive-cell category / mask quality and class-agnostic AP."""
 import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -190,8 +192,6 @@ def test_training_pairs_command_writes_its_report(tmp_path):
 
     out = tmp_path / "pairs.json"
     report = main(["--training-pairs", "solo,solov2", "--preset", "smoke", "--max-images", "2", "--json", str(out)])
-    import json
-
     assert json.loads(out.read_text()) == report
     assert set(report["models"]) == {"solo", "solov2"} and report["models"]["solo"]["images"] == 2
     assert report["models"]["solo"]["head"] == "vanilla" and report["models"]["solov2"]["num_outputs"] == 1

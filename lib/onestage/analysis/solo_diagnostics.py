@@ -163,19 +163,17 @@ def mask_output_training_pairs(model, dataset, max_images: Optional[int] = None)
         raise TypeError(f"mask_output_training_pairs needs a SOLO or SOLOv2 model, got {type(model).__name__}")
     head = "solov2" if isinstance(model, SOLOv2) else model.cfg.head
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
-    counts = []  # per level: pairs per output
-    for lvl, s in enumerate(model.grid_numbers):
-        counts.append(torch.zeros(1 if head == "solov2" else (s * s if head == "vanilla" else 2 * s),
-                                  dtype=torch.long))
+    grids = list(model.grid_numbers)
+    outputs_per_level = {"vanilla": lambda s: s * s, "decoupled": lambda s: 2 * s, "solov2": lambda s: 1}[head]
+    counts = [torch.zeros(outputs_per_level(s), dtype=torch.long) for s in grids]  # per level: pairs per output
+    pairs = [0] * len(grids)
     with torch.no_grad():
         for i in range(n):
             image, target = dataset[i]
             canvas = model.preprocess([image])[0].shape[-2:]
-            assigned = model.assign([target], canvas)
-            for lvl, (s, cells) in enumerate(zip(model.grid_numbers, assigned.cells)):
-                if cells.numel() == 0:
-                    continue
+            for lvl, (s, cells) in enumerate(zip(grids, model.assign([target], canvas).cells)):
                 k = cells.cpu() % (s * s)
+                pairs[lvl] += len(k)
                 if head == "vanilla":
                     counts[lvl] += torch.bincount(k, minlength=s * s)
                 elif head == "decoupled":  # x-maps j first, then y-maps i
@@ -183,13 +181,12 @@ def mask_output_training_pairs(model, dataset, max_images: Optional[int] = None)
                 else:
                     counts[lvl] += len(k)
     # SOLOv2's kernel branch and mask feature are shared by the levels too: one output for the whole model
-    every = torch.cat(counts).sum(0, keepdim=True).float() if head == "solov2" else torch.cat(counts).float()
-    per_level = [{"level": lvl, "S": int(s), "outputs": int(c.numel()), "pairs": int(c.sum()) // (2 if head ==
-                  "decoupled" else 1), "pairs_per_output_mean": float(c.float().mean()),
+    every = torch.tensor([float(sum(pairs))]) if head == "solov2" else torch.cat(counts).float()
+    per_level = [{"level": lvl, "S": int(s), "outputs": int(c.numel()), "pairs": pairs[lvl],
+                  "pairs_per_output_mean": float(c.float().mean()),
                   "frac_outputs_untrained": float((c == 0).float().mean())}
-                 for lvl, (s, c) in enumerate(zip(model.grid_numbers, counts))]
-    return {"images": n, "head": head, "num_pairs": sum(lv["pairs"] for lv in per_level),
-            "num_outputs": int(every.numel()),
+                 for lvl, (s, c) in enumerate(zip(grids, counts))]
+    return {"images": n, "head": head, "num_pairs": sum(pairs), "num_outputs": int(every.numel()),
             "pairs_per_output": {"mean": float(every.mean()), "median": float(every.median()),
                                  "frac_untrained": float((every == 0).float().mean())},
             "per_level": per_level}
