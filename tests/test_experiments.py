@@ -606,6 +606,40 @@ def test_workers_and_kernels_die_with_a_killed_driver(tmp_path):
     assert read_record(record_path(out, "orphans", "second", 0)) is None
 
 
+def test_a_ray_task_ends_with_its_driver_on_the_same_machine():
+    """executors.end_with_driver: a worker exits within seconds of its driver's SIGKILL (a sleeping process stands
+    in for the driver) and not while the driver lives; a driver on another host is left to Ray's own cleanup."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import socket, sys, time\n"
+            "from onestage.experiments.executors import end_with_driver\n"
+            "host = socket.gethostname() if sys.argv[2] == 'here' else 'elsewhere.invalid'\n"
+            "with end_with_driver({'pid': int(sys.argv[1]), 'host': host}, interval=0.1):\n"
+            "    time.sleep(float(sys.argv[3]))\n"
+            "print('ran to the end')\n")
+
+    def worker(host: str, seconds: float) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", code, str(driver.pid), host, str(seconds)],
+                                stdout=subprocess.PIPE, text=True)
+
+    driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        assert worker("here", 2).communicate(timeout=60)[0].strip() == "ran to the end"  # the driver lived on
+        elsewhere, orphan = worker("there", 8), worker("here", 120)
+        time.sleep(4.0)  # both imported and polling
+        driver.kill()
+        driver.wait()  # reaped; a zombie counts as gone too
+        t0 = time.time()
+        assert orphan.communicate(timeout=30)[0] == "" and orphan.returncode == 1
+        assert time.time() - t0 < 10
+        assert elsewhere.communicate(timeout=60)[0].strip() == "ran to the end"
+    finally:
+        driver.kill()
+        driver.wait()
+
+
 def test_a_run_locked_by_another_process_is_left_alone_and_reported(tmp_path, capsys):
     table_path, nb, out = slow_sweep(tmp_path, "busy")
     second = record_path(out, "busy", "second", 0)

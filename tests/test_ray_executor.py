@@ -77,6 +77,11 @@ def test_missing_cluster_resources_and_bad_options_fail_clearly(tmp_path, capsys
     assert not (tmp_path / "out" / "raysmoke").exists() or not list((tmp_path / "out" / "raysmoke").glob("*.json"))
 
 
+def _lock_is_free(rec_path: Path) -> bool:
+    with runner.run_lock(rec_path) as locked:
+        return locked
+
+
 def test_a_killed_ray_driver_loses_only_the_run_in_flight(tmp_path):
     """SIGKILL of the driver (and the Ray instance it started) mid-sweep; the rerun trains only what had not
     finished."""
@@ -99,6 +104,13 @@ def test_a_killed_ray_driver_loses_only_the_run_in_flight(tmp_path):
     assert read_record(first)["status"] == "finished"
     assert read_record(record_path(out, "raykill", "second", 0)) is None
     before = first.stat().st_mtime_ns
+    # The killed run's worker ends by itself within a second or so (end_with_driver); until then a rerun would report
+    # the row as locked (what a user sees when rerunning at once), so wait for the lock as a user would.
+    second_lock = record_path(out, "raykill", "second", 0)
+    deadline = time.time() + 60
+    while not _lock_is_free(second_lock):
+        assert time.time() < deadline, "the killed sweep's worker still holds the run's lock after 60 s"
+        time.sleep(0.25)
 
     (out / "raykill" / "SLOW").unlink()
     assert runner.main(argv) == 0

@@ -19,20 +19,25 @@ atomically (temporary file + ``os.replace``) into its own results folder, so the
 even where a worker's disk is its own; only rows that evaluate another row's weights (``weights_from``) then need the
 shared filesystem, and fail with the reason where the weights are missing.
 
-**A killed driver** loses only the runs in flight: Ray ends the tasks of a driver that is gone (and each run's
-Jupyter kernel ends with its worker), and a rerun skips every finished record.
+**A killed driver** loses only the runs in flight: a task on the driver's own machine ends within a second of the
+driver's death (:func:`end_with_driver`; Ray also ends the tasks of a job whose driver is gone, but on a busy machine
+only after seconds), each run's Jupyter kernel ends with its worker, and a rerun skips every finished record (a run
+whose worker is still ending is reported as locked, not trained twice).
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import multiprocessing
 import os
+import socket
+import threading
 from pathlib import Path
 from typing import Optional
 
 from onestage.cli_args import UserError
 
-__all__ = ["LocalExecutor", "RayExecutor", "ray_task"]
+__all__ = ["LocalExecutor", "RayExecutor", "end_with_driver", "ray_task"]
 
 
 class LocalExecutor:
@@ -76,14 +81,52 @@ class LocalExecutor:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+@contextlib.contextmanager
+def end_with_driver(driver: Optional[dict], interval: float = 0.5):
+    """While the block runs, end this process (``os._exit``) once the sweep's driver ``{"pid", "host"}`` is gone,
+    when the driver runs on this machine: so the lock on the run is released and the run's kernel (which polls its
+    parent) ends at once, instead of whenever the cluster notices the dead job. Elsewhere (a driver on another node)
+    Ray's own cleanup is all there is."""
+    stop = threading.Event()
+    if driver and driver.get("host") == socket.gethostname() and driver.get("pid"):
+        pid = int(driver["pid"])
+
+        def poll():
+            while not stop.wait(interval):
+                if not _alive(pid):
+                    os._exit(1)
+
+        threading.Thread(target=poll, name="end-with-driver", daemon=True).start()
+    try:
+        yield
+    finally:
+        stop.set()
+
+
 def ray_task(job: dict) -> dict:
-    """The body of one Ray task, on a worker: run the job as the local executor does, then return what it wrote —
-    ``{"summary", "record", "notebook"}`` (the record as a dict, the executed notebook as text; ``None`` where
-    absent) — for the driver to write into its results folder."""
+    """The body of one Ray task, on a worker: run the job as the local executor does (ending with the driver, see
+    :func:`end_with_driver`), then return what it wrote — ``{"summary", "record", "notebook"}`` (the record as a
+    dict, the executed notebook as text; ``None`` where absent) — for the driver to write into its results folder."""
     from onestage.experiments.records import read_record
     from onestage.experiments.runner import execute_job
 
-    summary = execute_job(job)
+    with end_with_driver(job.get("driver")):
+        summary = execute_job(job)
     out_nb = Path(job["output_notebook"])
     return {"summary": summary, "record": read_record(job["record_path"]),
             "notebook": out_nb.read_text(encoding="utf-8") if out_nb.is_file() else None}
@@ -165,7 +208,7 @@ class RayExecutor:
             self._ray.shutdown()
 
     def submit(self, job: dict):
-        return self._task.remote(job)
+        return self._task.remote({**job, "driver": {"pid": os.getpid(), "host": socket.gethostname()}})
 
     def wait_any(self, handles) -> list:
         ready, _ = self._ray.wait(list(handles), num_returns=1)
